@@ -1,0 +1,1 @@
+"""Python client library and ``dcsctl`` CLI for the defended-classifier service (torch-free)."""

@@ -1,0 +1,252 @@
+"""Open a model package with ONNX Runtime and use it as an attack oracle (torch-free).
+
+``load_package`` verifies the manifest and every sha256, opens ORT sessions for ``model.onnx`` and
+``model.grad.onnx`` (and ``model.bounds.onnx`` when present), and checks their input/output names,
+shapes and dtypes against the manifest. The result implements the oracle protocol.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from robustness.manifest import (
+    BOUNDS_FILE, EPS_NAME, GRAD_FILE, GRAD_NAME, INPUT_NAME, LABEL_NAME, LOGITS_NAME, LOWER_NAME,
+    MODEL_FILE, PROBE_FILE, UPPER_NAME, PackageError, read_manifest, verify_files,
+)
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to build ORT sessions. ``device``: 'auto' (CUDA if it really loads), 'cuda' or 'cpu'."""
+
+    device: str = "auto"
+    intra_op_threads: int = 0  # 0 lets ORT decide
+    inter_op_threads: int = 1
+    load_grad: bool = True
+    load_bounds: bool = True
+    load_probe: bool = True
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise PackageError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from None
+    return ort
+
+
+def make_session(path: Path, opts: SessionOptions):
+    """Create an ORT session; returns ``(session, provider_in_use)``."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(opts.intra_op_threads)
+    so.inter_op_num_threads = int(opts.inter_op_threads)
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    wanted: list[str] = [CPU]
+    if opts.device in ("auto", "cuda") and CUDA in ort.get_available_providers():
+        wanted = [CUDA, CPU]
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=wanted)
+    except Exception as exc:  # ORT raises several private exception types
+        raise PackageError(f"{path}: onnxruntime could not load the graph ({exc})") from None
+    in_use = sess.get_providers()[0]
+    if opts.device == "cuda" and in_use != CUDA:
+        raise PackageError(f"{path}: CUDA was requested but {in_use} is what loaded")
+    if opts.device == "auto" and CUDA in wanted and in_use != CUDA:
+        log.warning("%s: CUDA provider is available but did not load; running on %s", path, in_use)
+    return sess, in_use
+
+
+def _check_io(path: Path, sess, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    got_in = [i.name for i in sess.get_inputs()]
+    got_out = [o.name for o in sess.get_outputs()]
+    if got_in != list(inputs):
+        raise PackageError(f"{path}: graph inputs {got_in}, expected {list(inputs)}")
+    if got_out != list(outputs):
+        raise PackageError(f"{path}: graph outputs {got_out}, expected {list(outputs)}")
+
+
+def _check_input_shape(path: Path, sess, input_shape: tuple[int, ...]) -> None:
+    shape = sess.get_inputs()[0].shape
+    dtype = sess.get_inputs()[0].type
+    if dtype != "tensor(float)":
+        raise PackageError(f"{path}: input {INPUT_NAME!r} has type {dtype}, expected tensor(float)")
+    if len(shape) != 1 + len(input_shape):
+        raise PackageError(f"{path}: input rank {len(shape)}, manifest says {1 + len(input_shape)}")
+    for got, want in zip(shape[1:], input_shape):
+        if isinstance(got, int) and got != want:
+            raise PackageError(
+                f"{path}: input shape {shape} does not match the manifest's {list(input_shape)}")
+
+
+@dataclass
+class ModelPackage:
+    """A verified model package with live ORT sessions; implements the oracle protocol."""
+
+    path: Path
+    manifest: dict[str, Any]
+    session: Any
+    grad_session: Any | None
+    bounds_session: Any | None
+    probe_session: Any | None
+    provider: str
+    bounds: tuple[float, float] = (0.0, 1.0)
+    stats: dict[str, int] = field(default_factory=lambda: {"logits": 0, "grad": 0, "bounds": 0})
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest["labels"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["labels"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.manifest["input"]["shape"])
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of ``model.onnx``: the artifact that is served."""
+        return str(self.manifest["files"][MODEL_FILE]["sha256"])
+
+    @property
+    def grad_sha256(self) -> str:
+        return str(self.manifest["files"][GRAD_FILE]["sha256"])
+
+    @property
+    def has_bounds(self) -> bool:
+        return self.bounds_session is not None
+
+    # -- oracle -----------------------------------------------------------------------------
+    def _as_input(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 1 + len(self.input_shape) or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"input shape {list(x.shape)} does not match the model's [N, {', '.join(map(str, self.input_shape))}]")
+        return x
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        x = self._as_input(x)
+        self.stats["logits"] += len(x)
+        return self.session.run([LOGITS_NAME], {INPUT_NAME: x})[0]
+
+    def loss_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.grad_session is None:
+            raise PackageError(f"{self.path}: gradient twin not loaded")
+        x = self._as_input(x)
+        y = np.ascontiguousarray(y, dtype=np.int64).reshape(-1)
+        if len(y) != len(x):
+            raise ValueError(f"got {len(x)} inputs but {len(y)} labels")
+        self.stats["grad"] += len(x)
+        logits, grad = self.grad_session.run([LOGITS_NAME, GRAD_NAME], {INPUT_NAME: x, LABEL_NAME: y})
+        return logits, grad
+
+    def logit_bounds(self, x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """Sound interval bounds on the logits over the ℓ∞ ball of radius ``eps`` (bounds twin)."""
+        if self.bounds_session is None:
+            raise PackageError(f"{self.path}: package has no {BOUNDS_FILE}")
+        x = self._as_input(x)
+        self.stats["bounds"] += len(x)
+        lo, hi = self.bounds_session.run(
+            [LOWER_NAME, UPPER_NAME], {INPUT_NAME: x, EPS_NAME: np.array([eps], dtype=np.float32)})
+        return lo, hi
+
+    @property
+    def has_probe(self) -> bool:
+        return self.probe_session is not None
+
+    def probe(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Internal activations for reports: ``features`` (first-layer maps), maybe ``z``, ``weights``."""
+        if self.probe_session is None:
+            raise PackageError(f"{self.path}: package has no {PROBE_FILE}")
+        x = self._as_input(x)
+        names = [o.name for o in self.probe_session.get_outputs()]
+        return dict(zip(names, self.probe_session.run(names, {INPUT_NAME: x})))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256,
+                "grad_sha256": self.grad_sha256, "path": str(self.path), "provider": self.provider}
+
+
+def load_package(package_dir: str | Path, options: SessionOptions | None = None) -> ModelPackage:
+    """Verify and open the package at ``<repo>/<name>/<version>``. Raises PackageError."""
+    opts = options or SessionOptions()
+    package_dir = Path(package_dir)
+    if not package_dir.is_dir():
+        raise PackageError(f"{package_dir}: not a directory")
+    manifest = read_manifest(package_dir)
+    verify_files(package_dir, manifest)
+    try:
+        input_shape = tuple(int(d) for d in manifest["input"]["shape"])
+        labels = list(manifest["labels"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"{package_dir / 'manifest.json'}: bad input/labels entry ({exc})") from None
+    if not labels:
+        raise PackageError(f"{package_dir / 'manifest.json'}: labels is empty")
+
+    model_path = package_dir / MODEL_FILE
+    sess, provider = make_session(model_path, opts)
+    _check_io(model_path, sess, [INPUT_NAME], [LOGITS_NAME])
+    _check_input_shape(model_path, sess, input_shape)
+    out_shape = sess.get_outputs()[0].shape
+    if isinstance(out_shape[-1], int) and out_shape[-1] != len(labels):
+        raise PackageError(f"{model_path}: {out_shape[-1]} logits but {len(labels)} labels in the manifest")
+
+    grad_sess = None
+    if opts.load_grad:
+        grad_path = package_dir / GRAD_FILE
+        grad_sess, _ = make_session(grad_path, opts)
+        _check_io(grad_path, grad_sess, [INPUT_NAME, LABEL_NAME], [LOGITS_NAME, GRAD_NAME])
+        _check_input_shape(grad_path, grad_sess, input_shape)
+
+    bounds_sess = None
+    if opts.load_bounds and BOUNDS_FILE in manifest["files"]:
+        bounds_path = package_dir / BOUNDS_FILE
+        bounds_sess, _ = make_session(bounds_path, opts)
+        _check_io(bounds_path, bounds_sess, [INPUT_NAME, EPS_NAME], [LOWER_NAME, UPPER_NAME])
+
+    probe_sess = None
+    if opts.load_probe and PROBE_FILE in manifest["files"]:
+        probe_sess, _ = make_session(package_dir / PROBE_FILE, opts)
+
+    pkg = ModelPackage(path=package_dir, manifest=manifest, session=sess, grad_session=grad_sess,
+                       bounds_session=bounds_sess, probe_session=probe_sess, provider=provider,
+                       bounds=tuple(manifest["input"].get("range", (0.0, 1.0))))
+    # The served graph and its twin must agree; a cheap probe catches a mismatched pair.
+    if grad_sess is not None:
+        probe = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
+        a = pkg.logits(probe)
+        b, _ = pkg.loss_grad(probe, np.zeros(2, dtype=np.int64))
+        if not np.allclose(a, b, atol=1e-4, rtol=1e-4):
+            raise PackageError(f"{package_dir / GRAD_FILE}: twin logits differ from {MODEL_FILE} "
+                               f"(max abs diff {float(np.abs(a - b).max()):.3g})")
+        pkg.stats.update(logits=0, grad=0)
+    return pkg
+
+
+def list_versions(repo: str | Path, name: str) -> list[int]:
+    """Integer version folders of ``<repo>/<name>``, ascending."""
+    base = Path(repo) / name
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())

@@ -1,0 +1,1 @@
+"""gRPC inference and audit server over ONNX Runtime (never imports torch)."""

@@ -1,0 +1,77 @@
+"""The torch-free package loader: sha256 verification, manifest digest, oracle behaviour."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from robustness.manifest import PackageError
+from robustness.package import load_package
+from robustness.testing import digits_package, load_digits_nchw
+
+
+@pytest.fixture()
+def pkg_dir(tmp_path):
+    path, _ = digits_package(tmp_path)
+    return path
+
+
+def test_loads_and_answers_like_numpy(pkg_dir):
+    _, w = digits_package(pkg_dir.parent.parent / "again")
+    pkg = load_package(pkg_dir)
+    _, _, x, y = load_digits_nchw()
+    assert pkg.num_classes == 10 and pkg.input_shape == (1, 8, 8)
+    np.testing.assert_allclose(pkg.logits(x[:7]), w.logits(x[:7]), atol=1e-5)
+    logits, grad = pkg.loss_grad(x[:7], y[:7])
+    np.testing.assert_allclose(grad, w.loss_grad(x[:7], y[:7])[1], atol=1e-5)
+    assert grad.shape == x[:7].shape
+    assert (pkg.logits(x).argmax(1) == y).mean() > 0.85
+
+
+@pytest.mark.parametrize("fname", ["model.onnx", "model.grad.onnx"])
+def test_flipped_byte_is_refused_naming_the_file(pkg_dir, fname):
+    data = bytearray((pkg_dir / fname).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (pkg_dir / fname).write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=fname.replace(".", r"\.")):
+        load_package(pkg_dir)
+
+
+def test_hand_edited_manifest_is_refused(pkg_dir):
+    m = json.loads((pkg_dir / "manifest.json").read_text())
+    m["labels"][0] = "zero"
+    (pkg_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match="manifest"):
+        load_package(pkg_dir)
+
+
+def test_missing_file_is_refused(pkg_dir):
+    (pkg_dir / "model.grad.onnx").unlink()
+    with pytest.raises(PackageError, match="model.grad.onnx"):
+        load_package(pkg_dir)
+
+
+def test_wrong_input_shape_is_a_clear_error(pkg_dir):
+    pkg = load_package(pkg_dir)
+    with pytest.raises(ValueError, match="does not match"):
+        pkg.logits(np.zeros((2, 1, 9, 9), np.float32))
+
+
+def test_loader_works_with_torch_blocked(pkg_dir):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from robustness.package import load_package\n"
+        f"p = load_package({str(pkg_dir)!r})\n"
+        "l, g = p.loss_grad(np.zeros((3, 1, 8, 8), np.float32), np.zeros(3, np.int64))\n"
+        "assert g.shape == (3, 1, 8, 8)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

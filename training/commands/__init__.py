@@ -1,0 +1,1 @@
+"""Subcommands of ``dcs``: each module has ``add_parser(subparsers)``; the parser sets ``run``."""
