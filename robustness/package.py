@@ -224,10 +224,16 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
         bounds_path = package_dir / BOUNDS_FILE
         bounds_sess, _ = make_session(bounds_path, opts)
         _check_io(bounds_path, bounds_sess, [INPUT_NAME, EPS_NAME], [LOWER_NAME, UPPER_NAME])
+        _check_input_shape(bounds_path, bounds_sess, input_shape)
 
     probe_sess = None
     if opts.load_probe and PROBE_FILE in manifest["files"]:
-        probe_sess, _ = make_session(package_dir / PROBE_FILE, opts)
+        probe_path = package_dir / PROBE_FILE
+        probe_sess, _ = make_session(probe_path, opts)
+        if [i.name for i in probe_sess.get_inputs()] != [INPUT_NAME]:
+            raise PackageError(f"{probe_path}: graph inputs {[i.name for i in probe_sess.get_inputs()]}, "
+                               f"expected {[INPUT_NAME]}")
+        _check_input_shape(probe_path, probe_sess, input_shape)
 
     pkg = ModelPackage(path=package_dir, manifest=manifest, session=sess, grad_session=grad_sess,
                        bounds_session=bounds_sess, probe_session=probe_sess, provider=provider,
@@ -241,6 +247,16 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
             raise PackageError(f"{package_dir / GRAD_FILE}: twin logits differ from {MODEL_FILE} "
                                f"(max abs diff {float(np.abs(a - b).max()):.3g})")
         pkg.stats.update(logits=0, grad=0)
+    # Bounds at eps=0 must collapse onto the logits (catches a bounds graph of another model).
+    if bounds_sess is not None:
+        probe = np.random.default_rng(1).random((2, *input_shape), dtype=np.float32)
+        a = pkg.logits(probe)
+        lo, hi = pkg.logit_bounds(probe, 0.0)
+        worst = float(max(np.abs(lo - a).max(), np.abs(hi - a).max()))
+        if not worst <= 1e-4 * max(1.0, float(np.abs(a).max())):
+            raise PackageError(f"{package_dir / BOUNDS_FILE}: bounds at eps=0 differ from "
+                               f"{MODEL_FILE}'s logits (max abs diff {worst:.3g})")
+        pkg.stats.update(logits=0, bounds=0)
     return pkg
 
 

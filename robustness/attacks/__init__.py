@@ -1,0 +1,75 @@
+"""The torch-free attack engine: one module per attack, a registry keyed by name.
+
+``REGISTRY`` maps a name to an ``Attack`` subclass; capabilities are class data
+(``cls.capabilities``), so suites and tests loop over the registry instead of naming classes.
+Build a fresh, frozen attack per run with ``build(name, **params)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from robustness.attacks.apgd import APGDCE, APGDDLR
+from robustness.attacks.base import (
+    Attack,
+    AttackError,
+    AttackResult,
+    Budget,
+    BudgetExceeded,
+    Capabilities,
+    Stopped,
+    project,
+)
+from robustness.attacks.fgsm import FGSM
+from robustness.attacks.noise import RandomNoise
+from robustness.attacks.pgd import BIM, PGD
+from robustness.attacks.rp2 import RP2, sticker_mask
+from robustness.attacks.square import Square
+from robustness.attacks.transfer import Transfer
+
+REGISTRY: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (FGSM, BIM, PGD, APGDCE, APGDDLR, Square, RP2, Transfer, RandomNoise)
+}
+
+
+def get(name: str) -> type[Attack]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise AttackError(f"unknown attack {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def build(name: str, **params: Any) -> Attack:
+    """A fresh attack instance; unknown parameters raise AttackError naming them."""
+    cls = get(name)
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(params) - known)
+    if bad:
+        raise AttackError(f"{name}: unknown parameter(s) {bad}; known: {sorted(known)}")
+    return cls(**params)
+
+
+__all__ = [
+    "APGDCE",
+    "APGDDLR",
+    "BIM",
+    "FGSM",
+    "PGD",
+    "REGISTRY",
+    "RP2",
+    "Attack",
+    "AttackError",
+    "AttackResult",
+    "Budget",
+    "BudgetExceeded",
+    "Capabilities",
+    "RandomNoise",
+    "Square",
+    "Stopped",
+    "Transfer",
+    "build",
+    "get",
+    "project",
+    "sticker_mask",
+]

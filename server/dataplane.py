@@ -1,0 +1,146 @@
+"""The data plane both APIs share: model lookup, readiness, input validation, inference, top-k.
+
+Servicers translate protobuf to these calls and back; nothing here knows about gRPC.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.batcher import BatcherClosed
+from server.errors import InvalidInput, ModelNotFound, NotReady
+from server.interceptor import current_model
+from server.repository import ModelRepository, Served
+
+#: wire dtype name -> (numpy dtype, scale to [0, 1])
+DTYPES = {"FLOAT32": (np.dtype("<f4"), 1.0), "UINT8": (np.dtype("u1"), 1.0 / 255.0)}
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class TopK:
+    indices: np.ndarray  # [N, k] int
+    probs: np.ndarray    # [N, k] float32
+    logits: np.ndarray   # [N, k] float32
+
+
+class DataPlane:
+    def __init__(self, repository: ModelRepository, *, max_batch: int) -> None:
+        self.repository = repository
+        self.max_batch = max_batch
+        #: Set on SIGTERM: readiness turns false; RPCs already accepted still complete (gRPC
+        #: itself refuses new ones during the drain).
+        self.draining = False
+
+    # readiness --------------------------------------------------------------------------------
+    @property
+    def live(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return (not self.draining and self.repository.scanned_once
+                and bool(self.repository.names()))
+
+    def model_ready(self, name: str, version: int = 0) -> bool:
+        served = self.repository.get(name)
+        return (self.ready and served is not None
+                and (version in (0, served.runtime.version)))
+
+    # lookup -----------------------------------------------------------------------------------
+    def get_model(self, name: str, version: int = 0) -> Served:
+        """The serving package of ``name``; ``version`` 0 means whichever is serving."""
+        current_model.set(name if self.repository.get(name) is not None else "")
+        if not self.repository.scanned_once:
+            raise NotReady("server is still loading its model repository; retry shortly")
+        if not name:
+            raise InvalidInput("field 'model' is empty; expected one of "
+                               f"{self.repository.names()}")
+        served = self.repository.get(name)
+        if served is None:
+            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: "
+                                f"{self.repository.names()}")
+        if version not in (0, served.runtime.version):
+            raise ModelNotFound(f"model {name!r} version {version} is not loaded; serving version "
+                                f"{served.runtime.version} (use 0 for the serving version)")
+        return served
+
+    # validation -------------------------------------------------------------------------------
+    def decode(self, served: Served, *, dtype: str, shape: list[int], data: bytes,
+               field: str = "images") -> np.ndarray:
+        """Bytes + shape + dtype → float32 ``[N, *input_shape]`` in [0, 1], or InvalidInput."""
+        want = served.runtime.input_shape
+        spec = f"[N, {', '.join(map(str, want))}] or [{', '.join(map(str, want))}]"
+        if dtype not in DTYPES:
+            raise InvalidInput(f"{field}.dtype is {dtype or 'unset'!r}; expected FLOAT32 or UINT8")
+        np_dtype, scale = DTYPES[dtype]
+        shape = [int(d) for d in shape]
+        given = list(shape)
+        if len(shape) == len(want):
+            shape = [1, *shape]
+        elif len(shape) != len(want) + 1:
+            raise InvalidInput(f"{field}.shape {shape} has rank {len(shape)}; expected {spec} "
+                               f"for model {served.runtime.name!r}")
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"{field}.shape {shape} has a negative dimension")
+        if tuple(shape[1:]) != tuple(want):
+            raise InvalidInput(f"{field}.shape {given} does not match model "
+                               f"{served.runtime.name!r}: expected {spec}")
+        n = shape[0]
+        if n == 0:
+            raise InvalidInput(f"{field}.shape {shape}: the batch is empty; send at least one image")
+        if n > self.max_batch:
+            raise InvalidInput(f"{field}.shape {shape}: batch of {n} exceeds the server's "
+                               f"max_batch {self.max_batch}; split the request")
+        expected = math.prod(shape) * np_dtype.itemsize
+        if len(data) != expected:
+            raise InvalidInput(
+                f"{field}.data has {len(data)} bytes; shape {shape} of {dtype} needs {expected}")
+        x = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+        return self.check_values(x.astype(np.float32) * np.float32(scale) if scale != 1.0
+                                 else x.astype(np.float32), field)
+
+    def check_values(self, x: np.ndarray, field: str = "images") -> np.ndarray:
+        finite = np.isfinite(x)
+        if not finite.all():
+            idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise InvalidInput(f"{field} contains {int((~finite).sum())} NaN/Inf value(s), "
+                               f"first at index {list(idx)} ({x[idx]}); expected finite values in [0, 1]")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InvalidInput(f"{field} values span [{lo:.4g}, {hi:.4g}]; expected [0, 1] "
+                               f"(FLOAT32) or 0..255 (UINT8)")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # inference --------------------------------------------------------------------------------
+    async def infer(self, served: Served, x: np.ndarray) -> tuple[np.ndarray, Served]:
+        """Logits for ``x`` and the package that computed them.
+
+        If a hot reload swapped the model between lookup and submit, the request goes to the new
+        version (same input spec required) instead of failing.
+        """
+        try:
+            return await served.batcher.submit(x), served
+        except BatcherClosed:
+            current = self.repository.get(served.runtime.name)
+            if current is None or current is served or \
+                    current.runtime.input_shape != served.runtime.input_shape:
+                raise
+            return await current.batcher.submit(x), current
+
+    @staticmethod
+    def top_k(logits: np.ndarray, k: int) -> TopK:
+        k = max(1, min(int(k), logits.shape[1]))
+        z = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        rows = np.arange(len(logits))[:, None]
+        return TopK(idx, p[rows, idx].astype(np.float32), logits[rows, idx].astype(np.float32))
+
+    def resolve_top_k(self, requested: int, served: Served) -> int:
+        if requested < 0:
+            raise InvalidInput(f"top_k is {requested}; expected 0 (default {DEFAULT_TOP_K}) or more")
+        return min(requested or DEFAULT_TOP_K, len(served.runtime.labels))

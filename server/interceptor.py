@@ -1,0 +1,113 @@
+"""The one place where domain errors become gRPC statuses, and where per-RPC metrics are taken."""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+
+import grpc
+
+from server.errors import ServiceError
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+#: Set by the data plane when a request names a model, so metrics can be labelled by model.
+current_model: contextvars.ContextVar[str] = contextvars.ContextVar("current_model", default="")
+
+#: Services whose handlers are wrapped (health and reflection are left as they are).
+WRAPPED_PREFIXES = ("/classifier.v1.", "/inference.")
+
+
+def _short(method: str) -> str:
+    return method.rsplit("/", 1)[-1]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Aborts with ``(exc.code, str(exc))`` for ServiceError; INTERNAL (logged) for anything else.
+
+    Also counts requests by method/model/code, observes total latency and tracks in-flight RPCs.
+    """
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(WRAPPED_PREFIXES):
+            return handler
+        name = _short(method)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(name, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(name, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+    async def _fail(self, context, exc: BaseException, method: str, start: float) -> None:
+        """Record the RPC, then abort. Metrics come first: abort sends the status at once."""
+        if isinstance(exc, ServiceError):
+            code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+            self._finish(method, start, code.name)
+            await context.abort(code, str(exc))
+        log.error("unhandled error in %s", method, exc_info=exc)
+        self._finish(method, start, "INTERNAL")
+        await context.abort(grpc.StatusCode.INTERNAL,
+                            f"internal error in {method}; see the server log")
+
+    def _finish(self, method: str, start: float, code: str) -> None:
+        self._metrics.inflight.labels(method).dec()
+        self._metrics.observe_request(method, current_model.get(), code, time.perf_counter() - start)
+
+    def _wrap_unary(self, method: str, behavior):
+        async def wrapper(request, context):
+            start = time.perf_counter()
+            self._metrics.inflight.labels(method).inc()
+            try:
+                response = await behavior(request, context)
+            except asyncio.CancelledError:
+                self._finish(method, start, "CANCELLED")
+                raise
+            except grpc.aio.AbortError:  # a handler aborted by itself
+                self._finish(method, start, _code_name(context))
+                raise
+            except Exception as exc:  # noqa: BLE001 - ServiceError, or INTERNAL
+                await self._fail(context, exc, method, start)
+            else:
+                self._finish(method, start, "OK")
+                return response
+        return wrapper
+
+    def _wrap_stream(self, method: str, behavior):
+        async def wrapper(request, context):
+            start = time.perf_counter()
+            self._metrics.inflight.labels(method).inc()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except (asyncio.CancelledError, GeneratorExit):
+                self._finish(method, start, "CANCELLED")
+                raise
+            except grpc.aio.AbortError:
+                self._finish(method, start, _code_name(context))
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._fail(context, exc, method, start)
+            else:
+                self._finish(method, start, "OK")
+        return wrapper
+
+
+def _code_name(context) -> str:
+    try:
+        code = context.code()
+        return code.name if code is not None else "UNKNOWN"
+    except Exception:  # noqa: BLE001
+        return "UNKNOWN"

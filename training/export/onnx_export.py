@@ -1,0 +1,111 @@
+"""Export traced aten graphs to ONNX files with a dynamic batch dimension (dynamo exporter)."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from robustness.manifest import (
+    EPS_NAME, GRAD_NAME, INPUT_NAME, LABEL_NAME, LOGITS_NAME, LOWER_NAME, UPPER_NAME,
+)
+from training.export.twin import trace_bounds, trace_forward, trace_probe, trace_twin
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+
+
+def exporter_versions() -> dict[str, str]:
+    """Versions of everything that shaped the exported graphs (recorded in the manifest)."""
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    return {"name": "torch.onnx(dynamo)+make_fx", "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def export_graph(gm: nn.Module, args: Sequence[torch.Tensor], path: Path,
+                 input_names: Sequence[str], output_names: Sequence[str],
+                 opset: int = DEFAULT_OPSET, batched: Sequence[bool] | None = None) -> Path:
+    """Export ``gm(*args)`` to ``path``; dimension 0 of each ``batched`` input (default: all)
+    is the shared dynamic batch."""
+    import onnx
+
+    batch = torch.export.Dim("N")
+    batched = [True] * len(args) if batched is None else list(batched)
+    dynamic = tuple({0: batch} if b else None for b in batched)
+    for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            gm, tuple(args), dynamo=True, dynamic_shapes=dynamic, input_names=list(input_names),
+            output_names=list(output_names), opset_version=opset, optimize=True, verbose=False,
+            external_data=False)
+    if program is None:  # pragma: no cover - torch API guard
+        raise RuntimeError("torch.onnx.export returned no program")
+    program.save(str(path), external_data=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    got = [o.name for o in model.graph.output]
+    if got != list(output_names):
+        raise RuntimeError(f"{path.name}: exported outputs {got}, expected {list(output_names)}")
+    return path
+
+
+def example_batch(input_shape: Sequence[int]) -> int:
+    """A tracing batch size that stays symbolic: not 0/1 and equal to no input dimension.
+
+    Symbolic tracing gives equal sizes one symbol ("duck sizing"), so a batch of 3 with 3
+    channels would tie the batch to the channel count and bake it into the graph.
+    """
+    return next(b for b in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37) if b not in input_shape)
+
+
+def example_input(input_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    batch = example_batch([int(d) for d in input_shape])
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((batch, *input_shape), generator=g)
+
+
+def export_model_onnx(model: nn.Module, input_shape: Sequence[int], path: Path,
+                      opset: int = DEFAULT_OPSET) -> Path:
+    """``model.onnx``: ``x [N,C,H,W] -> logits [N,K]``."""
+    x = example_input(input_shape)
+    return export_graph(trace_forward(model, x), (x,), path, [INPUT_NAME], [LOGITS_NAME], opset)
+
+
+def export_twin_onnx(model: nn.Module, input_shape: Sequence[int], path: Path,
+                     opset: int = DEFAULT_OPSET) -> Path:
+    """``model.grad.onnx``: ``(x, y int64) -> (logits, d CE_sum / dx)`` (BPDA as set on the model)."""
+    x = example_input(input_shape)
+    y = torch.zeros(len(x), dtype=torch.long)
+    return export_graph(trace_twin(model, x), (x, y), path, [INPUT_NAME, LABEL_NAME],
+                        [LOGITS_NAME, GRAD_NAME], opset)
+
+
+def export_probe_onnx(model: nn.Module, input_shape: Sequence[int], path: Path,
+                      opset: int = DEFAULT_OPSET) -> list[str]:
+    """``model.probe.onnx``: ``x -> features [, z], weights``; returns the output names."""
+    x = example_input(input_shape)
+    gm, names = trace_probe(model, x)
+    export_graph(gm, (x,), path, [INPUT_NAME], names, opset)
+    return names
+
+
+def export_bounds_onnx(model: nn.Module, input_shape: Sequence[int], path: Path,
+                       opset: int = DEFAULT_OPSET) -> Path:
+    """``model.bounds.onnx``: ``(x, eps [1]) -> (logits_lower, logits_upper)`` by IBP.
+
+    Raises ``training.export.bounds.UnsupportedBounds`` for a model with an op IBP cannot handle.
+    """
+    x = example_input(input_shape)
+    eps = torch.tensor([0.05])
+    return export_graph(trace_bounds(model, x), (x, eps), path, [INPUT_NAME, EPS_NAME],
+                        [LOWER_NAME, UPPER_NAME], opset, batched=[True, False])

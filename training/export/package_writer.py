@@ -1,0 +1,186 @@
+"""Write a sealed model package ``<repo>/<name>/<version>/`` from a torch model, atomically.
+
+Everything is written into a hidden temp folder beside the target, verified with the torch-free
+loader (sha256s, I/O names, twin logits == model logits), and only then renamed into place, so a
+failed export leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from robustness.manifest import (
+    BOUNDS_FILE, GRAD_FILE, INPUT_NAME, LOGITS_NAME, MANIFEST_FILE, MODEL_FILE, PROBE_FILE, SCHEMA_VERSION,
+    PackageError, atomic_write_json, file_entry, seal, valid_name,
+)
+from robustness.package import SessionOptions, list_versions, load_package
+from training.export.bounds import IntervalModel, UnsupportedBounds
+from training.export.onnx_export import (
+    DEFAULT_OPSET, export_bounds_onnx, export_model_onnx, export_probe_onnx, export_twin_onnx, exporter_versions,
+)
+from training.export.twin import bpda
+
+log = logging.getLogger(__name__)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class ExportError(Exception):
+    """The export cannot proceed (bad name, version taken, ...). The message says why."""
+
+
+@dataclass(frozen=True)
+class PackageSpec:
+    """What the manifest says about a model besides its graphs."""
+
+    name: str
+    labels: Sequence[str]
+    input_shape: Sequence[int]
+    dataset: str
+    defense: dict[str, Any]
+    architecture: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    opset: int = DEFAULT_OPSET
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    version: int
+    seconds: float
+    sizes: dict[str, int]
+    gradient: dict[str, Any]
+
+
+def resolve_version(repo: Path, name: str, version: int | None, force: bool) -> int:
+    """The version to write: ``version`` (refused if taken, unless ``force``) or the next free."""
+    if not valid_name(name):
+        raise ExportError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.'")
+    if version is None:
+        existing = list_versions(repo, name)
+        return (existing[-1] + 1) if existing else 1
+    if version < 1:
+        raise ExportError(f"--version must be >= 1, got {version}")
+    if (Path(repo) / name / str(version)).exists() and not force:
+        raise ExportError(f"{Path(repo) / name / str(version)} already exists (use --force to replace it)")
+    return int(version)
+
+
+def gradient_entry(bpda_layers: Sequence[str]) -> dict[str, Any]:
+    if bpda_layers:
+        note = ("gradient of the summed cross-entropy; the saturation layers listed use a "
+                "straight-through (identity) backward (BPDA), their forward is unchanged")
+        return {"kind": "bpda", "bpda_layers": list(bpda_layers), "note": note}
+    return {"kind": "exact", "bpda_layers": [],
+            "note": "exact autograd gradient of the summed cross-entropy, traced with make_fx"}
+
+
+def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
+           bounds: bool | None = None) -> dict[str, Any]:
+    """Export all graphs into ``out`` and write the sealed manifest; returns the manifest."""
+    shape = [int(d) for d in spec.input_shape]
+    export_model_onnx(model, shape, out / MODEL_FILE, spec.opset)
+    with bpda(model) as layers:
+        export_twin_onnx(model, shape, out / GRAD_FILE, spec.opset)
+    files = [MODEL_FILE, GRAD_FILE]
+    bounds_entry: dict[str, Any] | None = None
+    if bounds is not False:
+        try:
+            export_bounds_onnx(model, shape, out / BOUNDS_FILE, spec.opset)
+            files.append(BOUNDS_FILE)
+            bounds_entry = {"method": "ibp", "norm": "linf", "domain": "eps-ball clipped to [0, 1]",
+                            "note": "interval bound propagation: center/radius for affine layers, "
+                                    "endpoints for monotone ones (ReLU, max-pool, saturation)"}
+        except UnsupportedBounds as exc:
+            if bounds:
+                raise ExportError(f"cannot build {BOUNDS_FILE}: {exc}") from None
+            log.warning("no %s for this model: %s", BOUNDS_FILE, exc)
+    probe: dict[str, Any] | None = None
+    if callable(getattr(model, "probe", None)) and callable(getattr(model, "first_layer_weight", None)):
+        probe = {"outputs": export_probe_onnx(model, shape, out / PROBE_FILE, spec.opset)}
+        files.append(PROBE_FILE)
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "name": spec.name,
+        "version": int(version),
+        "labels": [str(label) for label in spec.labels],
+        "input": {"name": INPUT_NAME, "shape": shape, "dtype": "float32", "range": [0.0, 1.0],
+                  "layout": "NCHW"},
+        "output": {"name": LOGITS_NAME, "num_classes": len(spec.labels)},
+        "dataset": spec.dataset,
+        "defense": dict(spec.defense),
+        "architecture": dict(spec.architecture),
+        "training": dict(spec.training),
+        "gradient": gradient_entry(layers),
+        "loss": {"kind": "cross_entropy", "reduction": "sum", "per_example": True},
+        "opset": int(spec.opset),
+        "exporter": exporter_versions(),
+        "files": {f: file_entry(out / f) for f in files},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if probe is not None:
+        manifest["probe"] = probe
+    if bounds_entry is not None:
+        manifest["bounds"] = bounds_entry
+    atomic_write_json(out / MANIFEST_FILE, seal(manifest))
+    return manifest
+
+
+def write_package(model: nn.Module, repo: str | Path, spec: PackageSpec, version: int | None = None,
+                  force: bool = False, bounds: bool | None = None) -> ExportResult:
+    """Export ``model`` as ``<repo>/<spec.name>/<version>`` (next free version by default).
+
+    ``bounds``: True requires ``model.bounds.onnx``, False skips it, None (default) writes it
+    when every layer has an interval rule and logs a warning otherwise.
+    """
+    t0 = time.perf_counter()
+    repo = Path(repo)
+    version = resolve_version(repo, spec.name, version, force)
+    if bounds:
+        try:
+            IntervalModel(model)  # fail before the expensive part
+        except UnsupportedBounds as exc:
+            raise ExportError(f"cannot build {BOUNDS_FILE}: {exc}") from None
+    base = repo / spec.name
+    base.mkdir(parents=True, exist_ok=True)
+    target = base / str(version)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=base))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the server may run as another user
+        manifest = _build(model, spec, version, tmp, bounds)
+        load_package(tmp, SessionOptions(device="cpu", intra_op_threads=1))  # refuse a bad pair early
+        if target.exists():
+            if not force:
+                raise ExportError(f"{target} appeared during the export; not replacing it")
+            trash = Path(tempfile.mkdtemp(prefix=f".{version}.old-", dir=base))
+            os.replace(target, trash / "old")
+            os.replace(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    sizes = {f: int(e["bytes"]) for f, e in manifest["files"].items()}
+    sizes[MANIFEST_FILE] = (target / MANIFEST_FILE).stat().st_size
+    log.info("exported %s in %.1fs (%s)", target, seconds, sizes)
+    return ExportResult(path=target, version=version, seconds=seconds, sizes=sizes,
+                        gradient=manifest["gradient"])
+
+
+__all__ = ["ExportError", "ExportResult", "PackageError", "PackageSpec", "resolve_version",
+           "write_package"]
