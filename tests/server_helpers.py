@@ -2,7 +2,7 @@
 
 - ``start_server_process(repo, *flags, env=None)``: ``python -m server`` in a child process on
   free loopback ports (a ``--port``/``--metrics-port``/``--audit-port`` in ``flags`` wins; with
-  ``--tls-cert`` the readiness probe uses TLS with that cert as CA) with torch blocked (``sys.modules['torch'] = None``); waits for health
+  ``--tls-cert`` the readiness probe uses TLS with that cert as CA) with torch blocked (``tests.torchless.BLOCK_TORCH``); waits for health
   SERVING (or not, ``wait_ready=False``). ``ServerProcess.stop()`` sends SIGTERM, waits, and
   raises if the child ever imported torch. Also usable as a context manager.
 - ``InProcessServer(repo, **config_overrides)``: a ``server.app.Server`` on 127.0.0.1:0 whose
@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+from tests.torchless import BLOCK_TORCH
 import asyncio
 import os
 import signal
@@ -36,7 +37,7 @@ HOST = "127.0.0.1"
 # The child imports the server with torch made unimportable, and reports any torch module at exit.
 _CHILD = (
     "import sys, atexit\n"
-    "sys.modules['torch'] = None\n"
+    + BLOCK_TORCH +
     "def _report():\n"
     "    bad = sorted(m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None)\n"
     "    sys.stderr.write('DCS_TORCH_MODULES=%s\\n' % ','.join(bad)); sys.stderr.flush()\n"

@@ -1,6 +1,7 @@
 """The public audit API: suites, progress, cancellation, budgets, reproducibility, torch-free."""
 from __future__ import annotations
 
+from tests.torchless import BLOCK_TORCH
 import json
 import subprocess
 import sys
@@ -132,9 +133,8 @@ def test_suite_files(tmp_path):
 
 
 def test_robustness_imports_without_torch(tmp_path):
-    code = textwrap.dedent(f"""
+    code = BLOCK_TORCH + textwrap.dedent(f"""
         import sys
-        sys.modules["torch"] = None
         import numpy as np
         import robustness, robustness.attacks, robustness.audit, robustness.checks, robustness.metrics
         import robustness.suites, robustness.report, robustness.report.plots, robustness.report.html

@@ -2,6 +2,7 @@
 (no server)."""
 from __future__ import annotations
 
+from tests.torchless import BLOCK_TORCH
 import logging
 import subprocess
 import sys
@@ -268,7 +269,7 @@ def test_cli_audit_checks_out_dir_before_calling(tmp_path, capsys):
 
 
 def test_client_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None\n"
+    code = (BLOCK_TORCH + "import sys\n"
             "import clients, clients.client, clients.cli, clients.images, clients.errors\n"
             "assert clients.cli.main(['--help']) == 0\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False,

@@ -1,6 +1,7 @@
 """Package writing: standin ops, tampering, torch-free loading, versions, atomicity and the CLI."""
 from __future__ import annotations
 
+from tests.torchless import BLOCK_TORCH
 import json
 import shutil
 import subprocess
@@ -83,7 +84,7 @@ def test_hand_edited_manifest_is_refused(exported, tmp_path):
 def test_exported_package_loads_with_torch_blocked(exported):
     path = exported["lisa"][3].path
     code = (
-        "import sys; sys.modules['torch'] = None\n"
+        BLOCK_TORCH + "import sys\n"
         "import numpy as np\n"
         "from robustness.package import load_package\n"
         f"p = load_package({str(path)!r})\n"

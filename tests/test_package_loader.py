@@ -1,6 +1,7 @@
 """The torch-free package loader: sha256 verification, manifest digest, oracle behaviour."""
 from __future__ import annotations
 
+from tests.torchless import BLOCK_TORCH
 import json
 import shutil
 import subprocess
@@ -63,7 +64,7 @@ def test_wrong_input_shape_is_a_clear_error(pkg_dir):
 
 def test_loader_works_with_torch_blocked(pkg_dir):
     code = (
-        "import sys; sys.modules['torch'] = None\n"
+        BLOCK_TORCH + "import sys\n"
         "import numpy as np\n"
         "from robustness.package import load_package\n"
         f"p = load_package({str(pkg_dir)!r})\n"

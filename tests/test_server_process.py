@@ -113,7 +113,7 @@ def test_sigterm_with_requests_in_flight_loses_none(digits_repo, tmp_path):
 
 
 def test_server_never_imports_torch_even_when_started_normally(proc_server):
-    # start_server_process runs the child with sys.modules['torch'] = None: an import would have
+    # start_server_process runs the child with torch blocked (tests.torchless): an import would have
     # crashed start-up; the atexit report (checked in stop()) catches anything subtler.
     assert proc_server.proc.poll() is None
 

@@ -1,0 +1,16 @@
+"""Run code as if torch were not installed: prepend ``BLOCK_TORCH`` to a ``python -c`` program.
+
+A meta-path finder refuses ``torch`` and its submodules with ModuleNotFoundError, exactly what a
+machine without torch gives. (Setting ``sys.modules['torch'] = None`` instead breaks libraries
+such as scipy that probe ``sys.modules`` for optional array backends.)
+"""
+
+BLOCK_TORCH = (
+    "import sys as _sys, importlib.abc as _abc\n"
+    "class _NoTorch(_abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ModuleNotFoundError(\"No module named 'torch' (blocked)\", name=name)\n"
+    "        return None\n"
+    "_sys.meta_path.insert(0, _NoTorch())\n"
+)
