@@ -157,6 +157,9 @@ class ModelPackage:
         y = np.ascontiguousarray(y, dtype=np.int64).reshape(-1)
         if len(y) != len(x):
             raise ValueError(f"got {len(x)} inputs but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got min {int(y.min())} "
+                             f"max {int(y.max())}")
         self.stats["grad"] += len(x)
         logits, grad = self.grad_session.run([LOGITS_NAME, GRAD_NAME], {INPUT_NAME: x, LABEL_NAME: y})
         return logits, grad

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -146,13 +147,25 @@ class Server:
         except ImportError as exc:
             log.warning("audit service disabled: %s", exc)
             return None
-        return AuditService(self.config, self.dataplane, self.metrics)
+        try:
+            return AuditService(self.config, self.dataplane, self.metrics)
+        except (OSError, sqlite3.Error) as exc:
+            # A read-only, full or broken --state-dir must not take classify down with it.
+            from server.audit_servicer import UnavailableAuditService
+
+            reason = (f"--state-dir {str(self.config.state_dir)!r} cannot be used "
+                      f"({type(exc).__name__}: {exc})")
+            log.error("audit service unavailable: %s; classify is not affected", reason)
+            return UnavailableAuditService(reason)
 
     async def _set_health(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for service in ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE, AUDIT_SERVICE):
+        for service in ("", CLASSIFIER_SERVICE, INFERENCE_SERVICE):
             await self.health.set(service, status)
+        audits_ok = self.audits is None or getattr(self.audits, "available", True)
+        await self.health.set(AUDIT_SERVICE, status if audits_ok
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def reload(self) -> None:
         """Rescan the repository (poll tick or SIGHUP) and update health."""

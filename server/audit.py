@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -37,6 +38,7 @@ from server.errors import (
     JobNotFound,
     LimitExceeded,
     PermissionDenied,
+    StateUnavailable,
     Unauthenticated,
 )
 from server.jobs import (
@@ -236,26 +238,42 @@ class AuditManager:
             if n and (y.min() < 0 or y.max() >= k):
                 raise InvalidInput(f"examples.labels span [{y.min()}, {y.max()}]; expected 0..{k - 1}")
             path = self.store.uploads_dir / f"{job_id}.npz"
-            np.savez_compressed(path, x=x, y=y)
+            try:
+                np.savez_compressed(path, x=x, y=y)
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                raise self._state_error("store the uploaded examples", exc) from None
             data = {"kind": "examples", "path": str(path), "n": n}
         else:
             raise InvalidInput("data is unset; expected data.dataset (a named split) or "
                                "data.examples (images + labels)")
         try:
-            grads, _ = suite.estimate_cost(n)
+            grads, queries = suite.estimate_cost(n)
         except SuiteError as exc:
             raise InvalidInput(str(exc)) from None
+        except (TypeError, ValueError, OverflowError) as exc:  # params_json of the wrong type
+            raise InvalidInput(f"attacks: a parameter has the wrong type or value ({exc})") from None
         if grads > max_gradients:
             raise LimitExceeded(f"suite {suite.name!r} may need {grads} gradient evaluations for {n} "
                                 f"examples; the limit is {max_gradients} (--max-audit-gradients / "
                                 "limits.max_gradients)")
-        suite = suite.replace(max_examples=n, max_gradients=max_gradients)
+        max_queries = self.config.max_audit_queries
+        if queries > max_queries:
+            raise LimitExceeded(f"suite {suite.name!r} may need {queries} model queries for {n} "
+                                f"examples; the limit is {max_queries} (--max-audit-queries)")
+        suite = suite.replace(max_examples=n, max_gradients=max_gradients, max_queries=max_queries)
         request = {"model": rt.name, "version": rt.version, "sha256": rt.sha256,
                    "path": str(rt.path), "suite": suite.to_dict(), "data": data,
                    "seed": int(req.seed), "note": req.note,
-                   "limits": {"max_examples": max_examples, "max_gradients": max_gradients}}
-        self.store.insert(job_id=job_id, model=rt.name, version=rt.version, sha256=rt.sha256,
-                          provider=rt.provider, suite=suite.name, request=request)
+                   "limits": {"max_examples": max_examples, "max_gradients": max_gradients,
+                              "max_queries": max_queries}}
+        try:
+            self.store.insert(job_id=job_id, model=rt.name, version=rt.version, sha256=rt.sha256,
+                              provider=rt.provider, suite=suite.name, request=request)
+        except (OSError, sqlite3.Error) as exc:
+            if data["kind"] == "examples":
+                Path(data["path"]).unlink(missing_ok=True)
+            raise self._state_error("record the job", exc) from None
         self._live[job_id] = _Live()
         with self._active_lock:
             self._active.add(job_id)
@@ -264,6 +282,12 @@ class AuditManager:
         log.info("audit %s queued: %s/%d suite %s, %d examples", job_id, rt.name, rt.version,
                  suite.name, n)
         return self.get(job_id)
+
+    def _state_error(self, what: str, exc: BaseException) -> StateUnavailable:
+        log.error("audit state directory %s: cannot %s: %s", self.config.state_dir, what, exc)
+        return StateUnavailable(f"cannot {what} in --state-dir {str(self.config.state_dir)!r} "
+                                f"({type(exc).__name__}: {exc}); audits are refused until it is "
+                                "writable again, classify is not affected")
 
     def _limit(self, asked: int, server: int, field_name: str, flag: str) -> int:
         if asked < 0:
@@ -395,8 +419,14 @@ class AuditManager:
                 **fields: Any) -> None:
         live = self._live.get(job_id)
         now = time.time()
-        self.store.update(job_id, state=state, error=error, finished=now,
-                          progress=live.progress if live else {}, **fields)
+        try:
+            self.store.update(job_id, state=state, error=error, finished=now,
+                              progress=live.progress if live else {}, **fields)
+        except (OSError, sqlite3.Error) as exc:
+            # The row stays active on disk and becomes `interrupted` at the next start; the
+            # in-memory side must still end, or the job would hold its concurrency slot forever.
+            log.error("audit %s: cannot record final state %s in %s: %s", job_id, state,
+                      self.config.state_dir, exc)
         self._metrics.audit_seconds.labels(state).observe(max(0.0, now - started))
         with self._active_lock:
             self._active.discard(job_id)
@@ -418,7 +448,11 @@ class AuditManager:
             self._finish(job_id, INTERRUPTED if self._stopping else CANCELLED, started,
                          error="stopped before it started")
             return
-        self.store.update(job_id, state=RUNNING, started=started)
+        try:
+            self.store.update(job_id, state=RUNNING, started=started)
+        except (OSError, sqlite3.Error) as exc:
+            self._finish(job_id, FAILED, started, error=f"cannot record the job as running ({exc})")
+            return
         self._refresh_state_metrics()
         self._emit(job_id, RUNNING, "started")
         try:
@@ -529,5 +563,8 @@ class AuditManager:
         now = time.monotonic()
         if now - live.last_db_write > 0.5:
             live.last_db_write = now
-            self.store.update(job_id, progress=live.progress)
+            try:
+                self.store.update(job_id, progress=live.progress)
+            except (OSError, sqlite3.Error) as exc:  # progress is best effort; the job goes on
+                log.warning("audit %s: cannot record progress: %s", job_id, exc)
         self._emit(job_id, RUNNING)

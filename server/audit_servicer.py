@@ -8,7 +8,7 @@ from proto import classifier_pb2_grpc as cpb_grpc
 from server.audit import AuditManager, AuditRequest, DatasetSpec, TokenAuth
 from server.config import ServerConfig
 from server.dataplane import DataPlane
-from server.errors import InvalidInput
+from server.errors import InvalidInput, NotReady
 from server.jobs import JobRow
 from server.metrics import ServerMetrics
 
@@ -105,6 +105,8 @@ class AuditServicer(cpb_grpc.AuditServicer):
 class AuditService:
     """What the app mounts: the manager, its servicer and the token check."""
 
+    available = True
+
     def __init__(self, config: ServerConfig, dataplane: DataPlane, metrics: ServerMetrics) -> None:
         self.manager = AuditManager(config, dataplane, metrics)
         self.servicer = AuditServicer(self.manager, TokenAuth(config.resolved_audit_token()))
@@ -118,3 +120,48 @@ class AuditService:
 
     async def stop(self) -> None:
         await self.manager.stop(timeout=self._grace)
+
+
+class _UnavailableAuditServicer(cpb_grpc.AuditServicer):
+    """Every audit method answers UNAVAILABLE with the reason (classify is unaffected)."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def _refuse(self):
+        raise NotReady(f"audits are unavailable on this server: {self._reason}")
+
+    async def StartAudit(self, request, context):
+        self._refuse()
+
+    async def GetAudit(self, request, context):
+        self._refuse()
+
+    async def WatchAudit(self, request, context):
+        self._refuse()
+        yield  # pragma: no cover - makes this an async generator like the real one
+
+    async def CancelAudit(self, request, context):
+        self._refuse()
+
+    async def ListAudits(self, request, context):
+        self._refuse()
+
+
+class UnavailableAuditService:
+    """Mounted instead of AuditService when the state directory cannot be opened."""
+
+    available = False
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.servicer = _UnavailableAuditServicer(reason)
+
+    def add_to_server(self, server) -> None:
+        cpb_grpc.add_AuditServicer_to_server(self.servicer, server)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass

@@ -91,6 +91,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_concurrent_audits", int, 1, "audit jobs running at once; more are refused"),
     Option("max_audit_examples", int, 1000, "examples per audit job"),
     Option("max_audit_gradients", int, 5_000_000, "per-example gradient evaluations per audit job"),
+    Option("max_audit_queries", int, 50_000_000,
+           "per-example model queries (logits) per audit job; bounds score-only attacks"),
     Option("audit_threads", int, 1, "ORT intra-op threads per audit job session"),
     Option("log_level", str, "info", "logging level", choices=LOG_LEVELS),
 )
@@ -124,6 +126,7 @@ class ServerConfig:
     max_concurrent_audits: int = 1
     max_audit_examples: int = 1000
     max_audit_gradients: int = 5_000_000
+    max_audit_queries: int = 50_000_000
     audit_threads: int = 1
     log_level: str = "info"
     config_file: Path | None = None
@@ -150,7 +153,7 @@ class ServerConfig:
             if not 0 <= getattr(self, name) <= 65535:
                 raise bad(name, "expected 0..65535 (0 disables / shares the main port)")
         for name in ("max_batch", "max_queue", "max_concurrent_audits", "max_audit_examples",
-                     "max_audit_gradients", "audit_threads"):
+                     "max_audit_gradients", "max_audit_queries", "audit_threads"):
             if getattr(self, name) < 1:
                 raise bad(name, "expected an integer >= 1")
         ports = {"port": self.port, "metrics_port": self.metrics_port, "audit_port": self.audit_port}

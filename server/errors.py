@@ -41,6 +41,12 @@ class NotReady(ServiceError):
     code = "UNAVAILABLE"
 
 
+class StateUnavailable(ServiceError):
+    """The audit state directory cannot be written (read-only, full, broken); retry later."""
+
+    code = "UNAVAILABLE"
+
+
 class QueueFull(ServiceError):
     code = "RESOURCE_EXHAUSTED"
 

@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from server.errors import ServiceError
+from server.errors import InvalidInput, ServiceError
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,33 @@ WRAPPED_PREFIXES = ("/classifier.v1.", "/inference.")
 
 def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1]
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the handler wrapper refuses it."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+def _tolerant(deserializer):
+    """grpc answers UNKNOWN when a request deserializer raises; parse here instead and let the
+    wrapper turn a bad message into INVALID_ARGUMENT (DESIGN §5: malformed request)."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything a parser raises
+            return _Malformed(exc)
+    return parse
+
+
+def _check_parsed(request, method: str) -> None:
+    if isinstance(request, _Malformed):
+        raise InvalidInput(f"request to {method} is not a valid protobuf message "
+                           f"({type(request.exc).__name__}: {request.exc})")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -42,12 +69,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(name, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(name, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         return handler
 
@@ -71,6 +98,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             self._metrics.inflight.labels(method).inc()
             try:
+                _check_parsed(request, method)
                 response = await behavior(request, context)
             except asyncio.CancelledError:
                 self._finish(method, start, "CANCELLED")
@@ -90,6 +118,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             self._metrics.inflight.labels(method).inc()
             try:
+                _check_parsed(request, method)
                 async for item in behavior(request, context):
                     yield item
             except (asyncio.CancelledError, GeneratorExit):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from robustness.manifest import PackageError, valid_name
-from robustness.package import list_versions
 from server.batcher import Batcher
 from server.metrics import ServerMetrics
 from server.runtime import ModelRuntime, fingerprint
@@ -64,16 +63,47 @@ class ModelRepository:
         return [self._models[n] for n in sorted(self._models)]
 
     # scanning ---------------------------------------------------------------------------------
+    def _inside(self, path: Path, root: Path) -> bool:
+        """True when ``path`` (symlinks resolved) lies inside the repository root."""
+        try:
+            return path.resolve().is_relative_to(root)
+        except (OSError, RuntimeError):  # broken or looping symlink
+            return False
+
+    def _versions(self, model_dir: Path, root: Path) -> list[int]:
+        """Version folders: ASCII digits in canonical form ("1", not "01" or "¹"), inside root."""
+        out = []
+        for p in model_dir.iterdir():
+            name = p.name
+            if not (name.isascii() and name.isdigit() and name == str(int(name))):
+                continue
+            if p.is_dir() and self._inside(p, root):
+                out.append(int(name))
+            elif p.is_dir():
+                log.error("model repository: %s resolves outside %s; ignored", p, root)
+        return sorted(out)
+
     def _candidates(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         if not self.root.is_dir():
             log.error("model repository %s is not a directory", self.root)
             return out
+        root = self.root.resolve()
         for entry in sorted(self.root.iterdir()):
-            if entry.is_dir() and valid_name(entry.name):
-                versions = list_versions(self.root, entry.name)
-                if versions:
-                    out[entry.name] = versions
+            try:
+                if not (valid_name(entry.name) and entry.is_dir()):
+                    continue
+                if not self._inside(entry, root):
+                    log.error("model repository: %s resolves outside %s; ignored", entry, root)
+                    continue
+                versions = self._versions(entry, root)
+            except OSError as exc:  # removed or unreadable while scanning: skip this one
+                log.error("model repository: cannot list %s: %s", entry, exc)
+                if entry.name in self._models:  # keep serving what is loaded
+                    out[entry.name] = [self._models[entry.name].runtime.version]
+                continue
+            if versions:
+                out[entry.name] = versions
         return out
 
     async def scan(self) -> ScanReport:
@@ -91,8 +121,12 @@ class ModelRepository:
             current = self._models.get(name)
             for version in sorted(versions, reverse=True):
                 path = self.root / name / str(version)
-                fp = await loop.run_in_executor(self._load_executor, fingerprint, path)
                 key = f"{name}/{version}"
+                try:
+                    fp = await loop.run_in_executor(self._load_executor, fingerprint, path)
+                except OSError as exc:  # removed between listing and reading
+                    log.error("model %s: cannot read %s: %s", key, path, exc)
+                    continue
                 if current is not None and current.runtime.version == version \
                         and current.runtime.fingerprint == fp:
                     break  # serving this one already, unchanged

@@ -185,3 +185,10 @@ def test_unsupported_op_has_no_bounds_graph(tmp_path):
     with pytest.raises(ExportError, match="model.bounds.onnx"):
         write_package(model, tmp_path, _spec("tanh", (1, 4, 4), 3), bounds=True)
     assert not (tmp_path / "tanh").exists()
+
+
+def test_out_of_range_labels_are_refused(exported):
+    pkg = load_package(exported["lisa"][3].path, CPU)
+    x = np.zeros((2, 3, 16, 16), np.float32)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        pkg.loss_grad(x, np.array([0, 5]))

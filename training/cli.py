@@ -49,4 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module so commands and this entry point share one CLIError class.
+    from training.cli import main as _main
+
+    sys.exit(_main())

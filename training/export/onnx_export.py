@@ -1,10 +1,11 @@
 """Export traced aten graphs to ONNX files with a dynamic batch dimension (dynamo exporter)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +31,20 @@ def exporter_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatty loggers (initializer dedup notes etc.) for one export."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_graph(gm: nn.Module, args: Sequence[torch.Tensor], path: Path,
                  input_names: Sequence[str], output_names: Sequence[str],
                  opset: int = DEFAULT_OPSET, batched: Sequence[bool] | None = None) -> Path:
@@ -40,9 +55,7 @@ def export_graph(gm: nn.Module, args: Sequence[torch.Tensor], path: Path,
     batch = torch.export.Dim("N")
     batched = [True] * len(args) if batched is None else list(batched)
     dynamic = tuple({0: batch} if b else None for b in batched)
-    for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with _quiet_exporter(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             gm, tuple(args), dynamo=True, dynamic_shapes=dynamic, input_names=list(input_names),
@@ -56,6 +69,14 @@ def export_graph(gm: nn.Module, args: Sequence[torch.Tensor], path: Path,
     got = [o.name for o in model.graph.output]
     if got != list(output_names):
         raise RuntimeError(f"{path.name}: exported outputs {got}, expected {list(output_names)}")
+    for inp, b in zip(model.graph.input, batched):
+        dim0 = inp.type.tensor_type.shape.dim[0]
+        if b and not dim0.dim_param:
+            raise RuntimeError(f"{path.name}: input {inp.name!r} has a fixed batch of "
+                               f"{dim0.dim_value}; the batch must stay dynamic")
+    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    if opsets.get("ai.onnx") != opset:
+        raise RuntimeError(f"{path.name}: exported with opset {opsets.get('ai.onnx')}, asked for {opset}")
     return path
 
 

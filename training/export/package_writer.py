@@ -58,11 +58,16 @@ class PackageSpec:
 
 @dataclass(frozen=True)
 class ExportResult:
+    """Where the package went and what it holds; usable as a path (``load_package(result)``)."""
+
     path: Path
     version: int
     seconds: float
     sizes: dict[str, int]
     gradient: dict[str, Any]
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
 
 def resolve_version(repo: Path, name: str, version: int | None, force: bool) -> int:
