@@ -9,6 +9,12 @@ Budget: ``suite.max_gradients`` / ``suite.max_queries`` (examples through ``loss
 it starts (``AuditBudgetExceeded``) and stops with the same error if they run out anyway.
 ``should_stop()`` is polled before every batch; when it returns True the audit raises
 ``AuditCancelled``.
+
+Certification: suite entries named ``certify`` (``robustness.certify``) are not attacks. Each runs
+as a job per ε like an attack (progress, budget, cancel), but its numbers go to the report's
+``certified`` section and never into ``results``, the worst case or the headline. A package
+without ``model.bounds.onnx`` gives a ``certified`` section with status "skipped" and a reason.
+When certify ran, the check ``certified_le_empirical`` is added (even with checks disabled).
 """
 from __future__ import annotations
 
@@ -22,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from robustness import certify as CE
 from robustness import checks as C
 from robustness.attacks import REGISTRY, Budget, BudgetExceeded, Stopped, build
 from robustness.attacks.base import AttackError
 from robustness.metrics import attack_metrics
 from robustness.oracle import has_gradients
 from robustness.report.schema import Report
-from robustness.suites import PRESETS, AttackSpec, CheckConfig, Suite, SuiteError, get_suite
+from robustness.suites import PRESETS, AttackSpec, CheckConfig, Suite, SuiteError, get_suite, is_evaluator
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +147,8 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     grads_ok = has_gradients(oracle)
     jobs = suite.jobs()
     for spec, _ in jobs:
+        if is_evaluator(spec.attack):
+            continue
         if REGISTRY[spec.attack].capabilities.needs_gradients and not grads_ok:
             raise AuditError(f"attack {spec.display!r} needs loss_grad but the oracle offers logits only")
     if package_info is None and callable(getattr(oracle, "describe", None)):
@@ -192,10 +201,16 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     results: list[dict[str, Any]] = []
     samples: dict[tuple[str, float], dict[str, np.ndarray]] = {}
     k_img = min(n, max(suite.n_images, N_SPECTRUM))
+    certs: list[tuple[str, CE.CertifyResult]] = []
 
     for i, (spec, eps) in enumerate(jobs):
         rng = np.random.default_rng([seed, i])
         params = dict(spec.params)
+        if is_evaluator(spec.attack):
+            certs.append((spec.display, _run_certify(oracle, x, y, spec, eps, suite, budget, should_stop,
+                                                     lambda d, t, lab=spec.display, e=eps: emit(lab, e, d, t))))
+            state["units"] += n
+            continue
         cls = REGISTRY[spec.attack]
         if cls.capabilities.needs_source:
             params["source"] = _resolve_source(params, sources)
@@ -253,6 +268,13 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
 
     check_results = _run_checks(oracle, x[:m_checks], y[:m_checks], suite, results, seed, grads_ok,
                                 run_attack) if cfg.enabled else []
+    certified = None
+    if any(is_evaluator(s.attack) for s in suite.attacks):
+        manifest = getattr(oracle, "manifest", None)
+        bounds_meta = manifest.get("bounds") if isinstance(manifest, Mapping) else None
+        method = bounds_meta.get("method") if isinstance(bounds_meta, Mapping) else None
+        certified = CE.section(certs, worst_case, results, method)
+        check_results.append(C.check_certified_le_empirical(certified, results, worst_case))
     state["units"] = units_total - n
     emit("done", headline_eps, n, n)
     report = Report(
@@ -266,9 +288,31 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
         seeds={"audit": int(seed), "jobs": "numpy.random.default_rng([seed, job_index])",
                "checks": "numpy.random.default_rng([seed, 1000 + k])"},
         x_samples=x[:k_img].copy(), y_samples=y[:k_img].copy(), clean_pred_samples=clean_pred[:k_img].copy(),
-        samples=samples,
+        samples=samples, certified=certified,
     )
     return report
+
+
+def _run_certify(oracle, x, y, spec: AttackSpec, eps: float, suite: Suite, budget: Budget, should_stop,
+                 on_batch) -> CE.CertifyResult:
+    try:
+        cert = CE.build(eps=eps, **{"batch_size": suite.batch_size, **dict(spec.params)})
+    except AttackError as exc:
+        raise AuditError(f"{spec.display!r}: {exc}") from None
+    try:
+        res = cert.run(oracle, x, y, budget=budget, should_stop=should_stop, on_batch=on_batch)
+    except Stopped as exc:
+        raise AuditCancelled(f"audit cancelled during {spec.display} at ε={eps:g}: {exc}") from None
+    except BudgetExceeded as exc:
+        raise AuditBudgetExceeded(f"{spec.display} at ε={eps:g}: {exc}") from None
+    if res.status == "ok":
+        log.info("%s ε=%g certified accuracy %.3f%s (%d queries, %.1fs)", spec.display, eps,
+                 res.certified_accuracy or 0.0,
+                 "" if res.unstable_fraction is None else f", unstable activations {res.unstable_fraction:.4f}",
+                 res.queries, res.wall_s)
+    else:
+        log.info("%s ε=%g skipped: %s", spec.display, eps, res.reason)
+    return res
 
 
 def _run_checks(oracle, x, y, suite: Suite, rows, seed, grads_ok, run_attack) -> list[C.CheckResult]:

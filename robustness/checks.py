@@ -20,6 +20,16 @@ Documented flags (what a "warn" means and what to do):
   restarts lowered accuracy by more than the tolerance: the suite's attacks have not converged,
   so the reported numbers overstate robustness.
 
+Consistency (not a masking check; added whenever a suite includes ``certify``):
+
+* ``certified_le_empirical`` (status ``warn``, detail starting "bounds are unsound"; the
+  status set stays pass/warn/skip): certified robust accuracy (``robustness.certify``)
+  exceeds the robust accuracy of some attack at the same ε, or an example certified at ε was
+  broken by an attack (not in the worst-case robust mask). Certified examples provably have no
+  adversarial example in the ε-ball, so this is never a weak attack: the bounds graph
+  (``model.bounds.onnx``) is unsound or does not belong to the served model. Do not trust the
+  certified numbers; re-export and run the bounds soundness tests.
+
 The comparison functions are pure (``rows`` are report result entries); ``robustness.audit``
 performs the extra runs (large ε, noise, more steps) and passes their numbers in.
 """
@@ -36,6 +46,9 @@ ITERATIVE_WHITE_BOX = ("bim", "pgd", "apgd-ce", "apgd-dlr")
 WHITE_BOX = SINGLE_STEP + ITERATIVE_WHITE_BOX
 SCORE_ONLY = ("square",)
 CONTROL = ("noise",)
+
+#: Consistency check run when a suite includes ``certify`` (not one of the masking CHECK_NAMES).
+CERTIFIED_CHECK = "certified_le_empirical"
 
 CHECK_NAMES = ("iterative_vs_single_step", "score_only_vs_white_box", "monotone_in_eps",
                "large_eps_accuracy", "noise_vs_attacks", "more_steps_change_little")
@@ -166,3 +179,50 @@ def check_more_steps(eps: float | None, base: tuple[float, int] | None, more: tu
         return CheckResult(name, WARN, f"stronger PGD ({what}) lowers accuracy {a0:.3f} → {a1:.3f} at ε={eps:g}: "
                                         "attacks have not converged")
     return CheckResult(name, PASS, f"stronger PGD ({what}) changes accuracy {a0:.3f} → {a1:.3f} at ε={eps:g}")
+
+
+def certified_violations(certified: Mapping | None, rows: Sequence[Mapping],
+                         worst_case: Sequence[Mapping] = ()) -> list[str]:
+    """Every way the ``certified`` report section contradicts the attack results (empty = consistent).
+
+    At each certified ε: certified accuracy must not exceed any attack's robust accuracy at that ε
+    (fixed-ε and cascade rows included), and every certified example must be in the worst-case
+    robust mask (no attack broke it).
+    """
+    if not certified or certified.get("status") != "ok":
+        return []
+    bad = []
+    wc = {round(float(w["eps"]), 9): w for w in worst_case}
+    for c in certified.get("per_eps", []):
+        e, cert = round(float(c["eps"]), 9), c.get("certified_accuracy")
+        if cert is None:
+            continue
+        for r in rows:
+            if round(float(r["eps"]), 9) == e and cert > float(r["robust_accuracy"]) + 1e-12:
+                bad.append(f"certified {cert:.3f} > {r['label']} {float(r['robust_accuracy']):.3f} at ε={e:g}")
+        w = wc.get(e)
+        mask = c.get("certified_mask")
+        if w is not None and mask is not None and w.get("robust_mask") is not None:
+            broken = [i for i, (m, rm) in enumerate(zip(mask, w["robust_mask"])) if m and not rm]
+            if broken:
+                bad.append(f"{len(broken)} certified example(s) broken by an attack at ε={e:g} "
+                           f"(indices {broken[:5]}{'…' if len(broken) > 5 else ''})")
+    return bad
+
+
+def check_certified_le_empirical(certified: Mapping | None, rows: Sequence[Mapping],
+                                 worst_case: Sequence[Mapping] = ()) -> CheckResult:
+    """``warn`` when certified accuracy exceeds an attack's robust accuracy (a bounds bug)."""
+    name = CERTIFIED_CHECK
+    if not certified:
+        return CheckResult(name, SKIP, "the suite has no certify entry")
+    if certified.get("status") != "ok":
+        return CheckResult(name, SKIP, f"certify skipped: {certified.get('reason')}")
+    bad = certified_violations(certified, rows, worst_case)
+    if bad:
+        return CheckResult(name, WARN, "bounds are unsound (certified beats an attack): " + "; ".join(bad))
+    eps = [c["eps"] for c in certified.get("per_eps", [])]
+    compared = sorted({float(r["eps"]) for r in rows} & {float(e) for e in eps})
+    if not compared:
+        return CheckResult(name, PASS, "no attack ran at a certified ε (nothing to compare)")
+    return CheckResult(name, PASS, f"certified ≤ every attack's robust accuracy at ε in {compared}")

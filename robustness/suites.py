@@ -18,6 +18,7 @@ File format (YAML or JSON), every key optional except ``attacks``::
       - {attack: fgsm}
       - {attack: pgd, params: {steps: 20, restarts: 2}, label: PGD-20}
       - {attack: rp2, eps: 1.0, params: {steps: 100}}
+      - {attack: certify}          # certified accuracy from model.bounds.onnx (not an attack)
       - {attack: transfer, params: {source: /path/to/other/package, attack: pgd,
                                     attack_params: {steps: 20}}}
     checks: {enabled: true, large_eps: 0.5}
@@ -31,7 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robustness import certify as _certify
 from robustness.attacks import REGISTRY, AttackError, build
+
+#: Every name a suite entry may use: the attacks plus non-attack evaluators (``certify``).
+KNOWN = {**REGISTRY, **_certify.EVALUATORS}
+
+
+def is_evaluator(name: str) -> bool:
+    """True for suite members that are not attacks (``certify``): never in the worst case."""
+    return name in _certify.EVALUATORS
 
 
 class SuiteError(ValueError):
@@ -100,8 +110,8 @@ class Suite:
         if not self.eps:
             raise SuiteError(f"suite {self.name!r}: eps list is empty")
         for spec in self.attacks:
-            if spec.attack not in REGISTRY:
-                raise SuiteError(f"suite {self.name!r}: unknown attack {spec.attack!r}; known: {sorted(REGISTRY)}")
+            if spec.attack not in KNOWN:
+                raise SuiteError(f"suite {self.name!r}: unknown attack {spec.attack!r}; known: {sorted(KNOWN)}")
         labels = [s.display for s in self.attacks]
         if len(set(labels)) != len(labels):
             raise SuiteError(f"suite {self.name!r}: attack labels must be unique, got {labels}")
@@ -137,6 +147,14 @@ class Suite:
         grads = queries = n  # clean pass
         for spec, eps in self.jobs():
             params = {k: v for k, v in spec.params.items() if k != "source"}
+            if is_evaluator(spec.attack):
+                try:
+                    c = _certify.build(eps=eps, **params)
+                except AttackError as exc:
+                    raise SuiteError(f"suite {self.name!r}: {spec.display!r}: {exc}") from None
+                grads += c.gradient_cost(n)
+                queries += c.query_cost(n)
+                continue
             if REGISTRY[spec.attack].capabilities.needs_source:
                 inner = spec.params.get("attack", "pgd")
                 try:
@@ -213,6 +231,10 @@ def _s(attack: str, label: str | None = None, eps: float | None = None, **params
     return AttackSpec(attack=attack, params=params, eps=eps, label=label)
 
 
+# ``certify`` (robustness.certify) is in "standard" and "paper" but not in "quick": it is cheap
+# (per ε one bounds pass ≈ 2–3 forward passes, plus one probe pass for polarizing models), but
+# "quick" is the server's default, is run on packages without a bounds graph, and its check set
+# is a fixed contract (tests/test_checks.py); add {attack: certify} to a quick-like suite instead.
 PRESETS: dict[str, Suite] = {
     # Minutes on CPU for small models; the server's default.
     "quick": Suite(
@@ -226,7 +248,7 @@ PRESETS: dict[str, Suite] = {
         attacks=(_s("fgsm", "FGSM"), _s("bim", "BIM", steps=20),
                  _s("pgd", "PGD", steps=40, restarts=2), _s("apgd-ce", "APGD-CE", steps=100),
                  _s("apgd-dlr", "APGD-DLR", steps=100), _s("square", "Square", n_queries=1000),
-                 _s("noise", "Noise"), _s("rp2", "RP2", eps=1.0, steps=100)),
+                 _s("noise", "Noise"), _s("rp2", "RP2", eps=1.0, steps=100), _s("certify", "Certified")),
         checks=CheckConfig(steps=20, max_examples=200)),
     # The polarizing-front-end paper's protocol (DESIGN §8): PGD 100 steps, step ε/10,
     # 20 restarts, ε sweep 0..0.38 by 0.02; plus RP2 with BlurNet's published settings.
@@ -235,7 +257,8 @@ PRESETS: dict[str, Suite] = {
         attacks=(_s("fgsm", "FGSM"), _s("bim", "BIM", steps=100, step_size=None),
                  _s("pgd", "PGD", steps=100, restarts=20),
                  _s("apgd-ce", "APGD-CE", steps=100), _s("square", "Square", n_queries=5000),
-                 _s("noise", "Noise"), _s("rp2", "RP2", eps=1.0, steps=300, lam=0.02, lr=0.1)),
+                 _s("noise", "Noise"), _s("rp2", "RP2", eps=1.0, steps=300, lam=0.02, lr=0.1),
+                 _s("certify", "Certified")),
         checks=CheckConfig(steps=100, max_examples=200)),
 }
 

@@ -1,8 +1,10 @@
 """Torch-free model packages for tests and benchmarks: a numpy-trained MLP exported with onnx.helper.
 
 ``build_mlp_package`` writes a complete package (``model.onnx``, an exact analytic gradient twin
-``model.grad.onnx`` and a sealed manifest) for a one-hidden-layer ReLU network. It needs the
-``onnx`` package (a dev/train dependency), not torch.
+``model.grad.onnx`` and a sealed manifest) for a one-hidden-layer ReLU network; with
+``bounds=True`` also an interval-bound (IBP) twin ``model.bounds.onnx`` built by hand
+(center/radius through the linear layers, endpoints through ReLU). It needs the ``onnx`` package
+(a dev/train dependency), not torch.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from robustness.manifest import (
-    GRAD_FILE, GRAD_NAME, INPUT_NAME, LABEL_NAME, LOGITS_NAME, MANIFEST_FILE, MODEL_FILE,
-    SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, file_entry, seal,
+    BOUNDS_FILE, EPS_NAME, GRAD_FILE, GRAD_NAME, INPUT_NAME, LABEL_NAME, LOGITS_NAME, LOWER_NAME,
+    MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION, UPPER_NAME, atomic_write_bytes, atomic_write_json,
+    file_entry, seal,
 )
 
 OPSET = 17
@@ -139,10 +142,53 @@ def _graphs(w: MLPWeights, input_shape: Sequence[int]):
     return model, grad_model
 
 
+def _bounds_graph(w: MLPWeights, input_shape: Sequence[int]):
+    """IBP twin: (x, eps) -> (logits_lower, logits_upper) over the ε-ball ∩ [0, 1]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = w.w2.shape[1]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in (
+        (w.w1, "w1"), (w.b1, "b1"), (w.w2, "w2"), (w.b2, "b2"), (np.abs(w.w1), "w1abs"),
+        (np.abs(w.w2), "w2abs"), (np.array(0.0, np.float32), "zero"), (np.array(1.0, np.float32), "one"),
+        (np.array(0.5, np.float32), "half"))]
+    nodes = [
+        helper.make_node("Flatten", [INPUT_NAME], ["flat"], axis=1),
+        helper.make_node("Abs", [EPS_NAME], ["e"]),
+        helper.make_node("Sub", ["flat", "e"], ["lo_raw"]),
+        helper.make_node("Add", ["flat", "e"], ["hi_raw"]),
+        helper.make_node("Clip", ["lo_raw", "zero", "one"], ["lo0"]),
+        helper.make_node("Clip", ["hi_raw", "zero", "one"], ["hi0"]),
+        # layer 1: center/radius
+        helper.make_node("Add", ["lo0", "hi0"], ["s0"]), helper.make_node("Mul", ["s0", "half"], ["c0"]),
+        helper.make_node("Sub", ["hi0", "lo0"], ["d0"]), helper.make_node("Mul", ["d0", "half"], ["r0"]),
+        helper.make_node("MatMul", ["c0", "w1"], ["c1m"]), helper.make_node("Add", ["c1m", "b1"], ["c1"]),
+        helper.make_node("MatMul", ["r0", "w1abs"], ["r1"]),
+        helper.make_node("Sub", ["c1", "r1"], ["lo1"]), helper.make_node("Add", ["c1", "r1"], ["hi1"]),
+        helper.make_node("Relu", ["lo1"], ["lo2"]), helper.make_node("Relu", ["hi1"], ["hi2"]),
+        # layer 2
+        helper.make_node("Add", ["lo2", "hi2"], ["s2"]), helper.make_node("Mul", ["s2", "half"], ["c2"]),
+        helper.make_node("Sub", ["hi2", "lo2"], ["d2"]), helper.make_node("Mul", ["d2", "half"], ["r2"]),
+        helper.make_node("MatMul", ["c2", "w2"], ["c3m"]), helper.make_node("Add", ["c3m", "b2"], ["c3"]),
+        helper.make_node("MatMul", ["r2", "w2abs"], ["r3"]),
+        helper.make_node("Sub", ["c3", "r3"], [LOWER_NAME]), helper.make_node("Add", ["c3", "r3"], [UPPER_NAME]),
+    ]
+    x_info = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", *input_shape])
+    e_info = helper.make_tensor_value_info(EPS_NAME, TensorProto.FLOAT, [1])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", k]) for n in (LOWER_NAME, UPPER_NAME)]
+    model = helper.make_model(helper.make_graph(nodes, "mlp_bounds", [x_info, e_info], outs, inits),
+                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="robustness.testing")
+    onnx.checker.check_model(model)
+    return model
+
+
 def build_mlp_package(repo: str | Path, name: str, version: int, weights: MLPWeights,
                       input_shape: Sequence[int], labels: Sequence[str], dataset: str = "digits",
-                      defense: str = "none") -> Path:
-    """Write a sealed package ``<repo>/<name>/<version>`` for an MLP; returns its path."""
+                      defense: str = "none", bounds: bool = False) -> Path:
+    """Write a sealed package ``<repo>/<name>/<version>`` for an MLP; returns its path.
+
+    ``bounds``: also write the IBP twin ``model.bounds.onnx`` (manifest ``bounds`` entry).
+    """
     import onnx
 
     out = Path(repo) / name / str(version)
@@ -150,6 +196,10 @@ def build_mlp_package(repo: str | Path, name: str, version: int, weights: MLPWei
     model, grad_model = _graphs(weights, input_shape)
     atomic_write_bytes(out / MODEL_FILE, model.SerializeToString())
     atomic_write_bytes(out / GRAD_FILE, grad_model.SerializeToString())
+    files = {MODEL_FILE: file_entry(out / MODEL_FILE), GRAD_FILE: file_entry(out / GRAD_FILE)}
+    if bounds:
+        atomic_write_bytes(out / BOUNDS_FILE, _bounds_graph(weights, input_shape).SerializeToString())
+        files[BOUNDS_FILE] = file_entry(out / BOUNDS_FILE)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "name": name,
@@ -164,17 +214,20 @@ def build_mlp_package(repo: str | Path, name: str, version: int, weights: MLPWei
         "gradient": {"kind": "exact", "bpda_layers": [], "note": "analytic backward built by hand"},
         "opset": OPSET,
         "exporter": {"name": "robustness.testing", "onnx": onnx.__version__},
-        "files": {MODEL_FILE: file_entry(out / MODEL_FILE), GRAD_FILE: file_entry(out / GRAD_FILE)},
+        "files": files,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if bounds:
+        manifest["bounds"] = {"method": "ibp", "norm": "linf", "domain": "eps-ball clipped to [0, 1]",
+                              "note": "hand-built: center/radius for the linear layers, endpoints for ReLU"}
     atomic_write_json(out / MANIFEST_FILE, seal(manifest))
     return out
 
 
 def digits_package(repo: str | Path, name: str = "digits-mlp", version: int = 1,
-                   hidden: int = 32, seed: int = 0) -> tuple[Path, MLPWeights]:
-    """Train a small MLP on 8x8 digits (~1 s) and write its package."""
+                   hidden: int = 32, seed: int = 0, bounds: bool = False) -> tuple[Path, MLPWeights]:
+    """Train a small MLP on 8x8 digits (~1 s) and write its package (``bounds``: with the IBP twin)."""
     xtr, ytr, _, _ = load_digits_nchw()
     w = fit_mlp(xtr, ytr, 10, hidden=hidden, seed=seed)
-    path = build_mlp_package(repo, name, version, w, (1, 8, 8), [str(i) for i in range(10)])
+    path = build_mlp_package(repo, name, version, w, (1, 8, 8), [str(i) for i in range(10)], bounds=bounds)
     return path, w

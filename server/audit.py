@@ -29,7 +29,7 @@ from robustness.attacks import Stopped
 from robustness.audit import AuditCancelled, AuditError, ProgressEvent, audit
 from robustness.manifest import PackageError
 from robustness.package import SessionOptions, load_package
-from robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite
+from robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite, is_evaluator
 from server.config import ServerConfig
 from server.dataplane import DataPlane
 from server.errors import (
@@ -152,6 +152,14 @@ class StoppableOracle:
         self._check()
         return self._inner.loss_grad(x, y)
 
+    def logit_bounds(self, x: np.ndarray, eps: float):
+        self._check()
+        return self._inner.logit_bounds(x, eps)
+
+    def probe(self, x: np.ndarray):
+        self._check()
+        return self._inner.probe(x)
+
 
 class AuditManager:
     def __init__(self, config: ServerConfig, dataplane: DataPlane, metrics: ServerMetrics) -> None:
@@ -174,6 +182,16 @@ class AuditManager:
         n = self.store.mark_interrupted("the server stopped while this job was queued or running")
         if n:
             log.warning("marked %d audit job(s) from a previous run as interrupted", n)
+        # Uploads of jobs a crash interrupted are never read again (no job is active now).
+        stale = 0
+        for path in self.store.uploads_dir.glob("*.npz"):
+            try:
+                path.unlink()
+                stale += 1
+            except OSError as exc:
+                log.warning("cannot remove stale upload %s: %s", path, exc)
+        if stale:
+            log.info("removed %d upload(s) left by interrupted audit jobs", stale)
         self._refresh_state_metrics()
 
     async def stop(self, timeout: float = 20.0) -> None:
@@ -456,9 +474,11 @@ class AuditManager:
         self._refresh_state_metrics()
         self._emit(job_id, RUNNING, "started")
         try:
+            # The bounds graph is opened only for suites with a certify entry (robustness.certify).
+            wants_bounds = any(is_evaluator(a["attack"]) for a in request["suite"]["attacks"])
             pkg = load_package(request["path"], SessionOptions(
                 device=self.config.device, intra_op_threads=self.config.audit_threads,
-                inter_op_threads=1, load_grad=True, load_bounds=False, load_probe=True))
+                inter_op_threads=1, load_grad=True, load_bounds=wants_bounds, load_probe=True))
             if pkg.sha256 != request["sha256"]:
                 raise AuditError(f"package {request['path']} changed since the job was queued "
                                  f"(sha256 {pkg.sha256[:12]}…, expected {request['sha256'][:12]}…)")
@@ -499,6 +519,12 @@ class AuditManager:
                                                       "attack_success_rate") if k in r}
                                    for r in d["results"]],
                        "checks": d["checks"], "totals": d["totals"]}
+            if d.get("certified") is not None:
+                cert = d["certified"]
+                summary["certified"] = {
+                    "status": cert["status"], "reason": cert.get("reason"),
+                    "per_eps": [{k: c[k] for k in ("eps", "certified_accuracy", "empirical_robust_accuracy",
+                                                   "unstable_fraction")} for c in cert["per_eps"]]}
             live.progress.update(fraction=1.0, eta_s=0.0)
             self._finish(job_id, SUCCEEDED, started, summary=summary, report_dir=str(out))
         except AuditCancelled as exc:

@@ -37,6 +37,12 @@ def render(report_dict: dict, figures: list[tuple[str, str, bytes]]) -> str:
     parts.append(f"<p class='headline'>Clean accuracy <b>{_pct(d['clean_accuracy'])}%</b> · worst-case robust "
                  f"accuracy at ε={head['eps']:g}: <b>{_pct(head['robust_accuracy'])}%</b> "
                  f"({d['n_examples']} examples)</p>")
+    cert_head = next((c for c in (d.get("certified") or {}).get("per_eps", [])
+                      if abs(c["eps"] - head["eps"]) < 1e-9), None)
+    if cert_head is not None:
+        parts.append(f"<p>Certified robust accuracy at ε={head['eps']:g}: <b>{_pct(cert_head['certified_accuracy'])}%</b>"
+                     f" · robust accuracy lies in [{_pct(cert_head['certified_accuracy'])}, "
+                     f"{_pct(cert_head.get('empirical_robust_accuracy'))}]%</p>")
     meta = [("package sha256 (model.onnx)", pkg.get("sha256", "—")),
             ("gradient twin sha256", pkg.get("grad_sha256", "—")), ("path", pkg.get("path", "—")),
             ("suite", suite["name"]), ("ε sweep", ", ".join(f"{e:g}" for e in suite["eps"])),
@@ -66,6 +72,8 @@ def render(report_dict: dict, figures: list[tuple[str, str, bytes]]) -> str:
     wc = {w["eps"]: w["robust_accuracy"] for w in d["worst_case"]}
     parts.append("<tr><th class='l'>worst case</th>" + "".join(f"<th>{_pct(wc.get(e))}</th>" for e in eps_list) + "</tr></table>")
 
+    parts.extend(_certified_html(d))
+
     parts.append("<h2>All results</h2><table><tr><th class='l'>attack</th><th>ε</th><th>n</th><th>robust acc %</th>"
                  "<th>success rate %</th><th>L2 dissim.</th><th>gradients</th><th>queries</th><th>wall s</th></tr>")
     for r in d["results"]:
@@ -85,3 +93,32 @@ def render(report_dict: dict, figures: list[tuple[str, str, bytes]]) -> str:
                      f"<figcaption>{_e(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _certified_html(d: dict) -> list[str]:
+    """The "Certified robustness" section: [certified, empirical] per ε (empty without certify)."""
+    cert = d.get("certified")
+    if not cert:
+        return []
+    out = ["<h2>Certified robustness (interval bounds)</h2>"]
+    if cert.get("status") != "ok":
+        out.append(f"<p class='skip'>certify skipped: {_e(cert.get('reason'))}</p>")
+        return out
+    out.append("<p style='font-size:0.85em;color:#555'>Certified: examples whose true-class logit lower "
+               "bound beats every other class's upper bound over the whole ε-ball (a provable lower bound, "
+               f"method {_e(cert.get('method') or '—')}, {_e(cert.get('margin'))} margins). Empirical: worst "
+               "case over the attacks (an upper bound). The true robust accuracy lies in the interval.</p>")
+    unst = any(c.get("unstable_fraction") is not None for c in cert["per_eps"])
+    out.append("<table><tr><th>ε</th><th>certified %</th><th>empirical %</th><th class='l'>interval %</th>"
+               + ("<th>unstable activations %</th>" if unst else "") + "</tr>")
+    for c in cert["per_eps"]:
+        lo, hi = c["certified_accuracy"], c.get("empirical_robust_accuracy")
+        u = c.get("unstable_fraction")
+        u_cell = f"<td>{'—' if u is None else f'{100 * u:.2f}'}</td>" if unst else ""
+        out.append(f"<tr><td>{c['eps']:g}</td><td>{_pct(lo)}</td><td>{_pct(hi)}</td>"
+                   f"<td class='l'>[{_pct(lo)}, {_pct(hi)}]</td>{u_cell}</tr>")
+    out.append("</table>")
+    if cert.get("pfe_c") is not None:
+        out.append(f"<p style='font-size:0.85em;color:#555'>Unstable: front-end activations z with "
+                   f"| |z| − c | ≤ ε, c = {cert['pfe_c']:g} ({_e(cert.get('pfe_c_source'))}).</p>")
+    return out

@@ -19,7 +19,12 @@ def pick_eps(reports: Sequence[dict]) -> float:
 
 
 def comparison_table(reports: Sequence[dict], eps: float | None = None) -> str:
-    """Markdown: model | clean | FGSM | BIM | PGD | APGD | Square | worst (accuracy %, at ε)."""
+    """Markdown: model | clean | FGSM | BIM | PGD | APGD | Square | worst [| certified] (%, at ε).
+
+    The ``certified`` column (certified robust accuracy, a lower bound; ``robustness.certify``)
+    appears when any report has a ``certified`` section with status "ok"; "—" for the others
+    (no certify in the suite, skipped, or not run at this ε).
+    """
     if not reports:
         raise ValueError("no reports to compare")
     e = pick_eps(reports) if eps is None else float(eps)
@@ -27,14 +32,22 @@ def comparison_table(reports: Sequence[dict], eps: float | None = None) -> str:
     def cell(vals):
         return "—" if not vals else f"{100 * min(vals):.1f}"
 
-    lines = [f"Accuracy (%) at ε = {e:g} (ℓ∞); worst = per-example worst case over all attacks.", "",
-             "| model | clean | " + " | ".join(c for c, _ in COLUMNS) + " | worst |",
-             "|---|" + "---:|" * (len(COLUMNS) + 2)]
+    with_cert = any((r.get("certified") or {}).get("status") == "ok" for r in reports)
+    lines = [f"Accuracy (%) at ε = {e:g} (ℓ∞); worst = per-example worst case over all attacks"
+             + ("; certified = provable lower bound (interval bounds)" if with_cert else "") + ".", "",
+             "| model | clean | " + " | ".join(c for c, _ in COLUMNS) + " | worst |"
+             + (" certified |" if with_cert else ""),
+             "|---|" + "---:|" * (len(COLUMNS) + 2 + int(with_cert))]
     for r in reports:
         pkg = r.get("package") or {}
         name = pkg.get("name", "model") + (f" v{pkg['version']}" if "version" in pkg else "")
         rows = [x for x in r["results"] if not x["fixed_eps"] and abs(x["eps"] - e) < 1e-9]
         cols = [cell([x["robust_accuracy"] for x in rows if x["attack"] in names]) for _, names in COLUMNS]
         wc = [w["robust_accuracy"] for w in r["worst_case"] if abs(w["eps"] - e) < 1e-9]
-        lines.append(f"| {name} | {100 * r['clean_accuracy']:.1f} | " + " | ".join(cols) + f" | {cell(wc)} |")
+        line = f"| {name} | {100 * r['clean_accuracy']:.1f} | " + " | ".join(cols) + f" | {cell(wc)} |"
+        if with_cert:
+            cert = [c["certified_accuracy"] for c in (r.get("certified") or {}).get("per_eps", [])
+                    if abs(c["eps"] - e) < 1e-9 and c.get("certified_accuracy") is not None]
+            line += f" {cell(cert)} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"

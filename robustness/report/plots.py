@@ -45,6 +45,103 @@ def accuracy_vs_eps(report) -> bytes:
     return _png(fig)
 
 
+def _as_dict(report) -> dict:
+    if isinstance(report, dict):
+        return report
+    return report.to_dict()
+
+
+def certified_series(report) -> dict[str, Any] | None:
+    """Curves of one report for ``certified_vs_empirical``: None when it has no certified numbers.
+
+    Returns ``{"eps", "certified", "empirical", "unstable"}`` (lists over ε, with ε = 0 prepended:
+    certified = empirical = clean accuracy there; unstable = None where not computed).
+    """
+    d = _as_dict(report)
+    cert = d.get("certified") or {}
+    rows = [c for c in cert.get("per_eps", []) if c.get("certified_accuracy") is not None]
+    if cert.get("status") != "ok" or not rows:
+        return None
+    rows = sorted(rows, key=lambda c: c["eps"])
+    wc = {round(w["eps"], 9): w["robust_accuracy"] for w in d.get("worst_case", [])}
+    clean = d["clean_accuracy"]
+    eps = [c["eps"] for c in rows]
+    out = {"eps": eps, "certified": [c["certified_accuracy"] for c in rows],
+           "empirical": [c.get("empirical_robust_accuracy", wc.get(round(c["eps"], 9))) for c in rows],
+           "unstable": [c.get("unstable_fraction") for c in rows]}
+    if eps[0] > 0:
+        out["eps"] = [0.0] + out["eps"]
+        out["certified"] = [clean] + out["certified"]
+        out["empirical"] = [clean] + out["empirical"]
+        out["unstable"] = [None] + out["unstable"]
+    return out
+
+
+def certified_vs_empirical(reports, labels: list[str] | None = None, *, title: str | None = None,
+                           path: str | None = None) -> bytes:
+    """"Certified vs empirical robust accuracy vs ε" as PNG bytes (also written to ``path``).
+
+    ``reports``: one report or a list (``Report`` objects or report.json dicts, e.g. from
+    ``robustness.report.load_report``), each with a ``certified`` section. Per report: certified
+    accuracy (solid, a provable lower bound), empirical worst-case robust accuracy over the
+    attacks (dashed, an upper bound), the shaded interval between them, and, for polarizing
+    models, the unstable front-end activation fraction (dotted, right axis). ``labels`` default to
+    the package name (and version). Reports without certified numbers are left out; ValueError
+    if none has any.
+    """
+    plt = _plt()
+    if isinstance(reports, (dict,)) or hasattr(reports, "to_dict"):
+        reports = [reports]
+    dicts = [_as_dict(r) for r in reports]
+    if labels is None:
+        labels = []
+        for d in dicts:
+            pkg = d.get("package") or {}
+            labels.append(str(pkg.get("name", "model")) + (f" v{pkg['version']}" if "version" in pkg else ""))
+    if len(labels) != len(dicts):
+        raise ValueError(f"{len(labels)} labels for {len(dicts)} reports")
+    series = [(lab, certified_series(d)) for lab, d in zip(labels, dicts)]
+    series = [(lab, s) for lab, s in series if s is not None]
+    if not series:
+        raise ValueError("no report has certified numbers (run a suite with a certify entry on a "
+                         "package with model.bounds.onnx)")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax2 = None
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (lab, s) in enumerate(series):
+        col = colors[k % len(colors)]
+        e = np.asarray(s["eps"], float)
+        cert = np.asarray(s["certified"], float)
+        emp = np.asarray([np.nan if v is None else v for v in s["empirical"]], float)
+        ax.plot(e, cert, "-", color=col, marker="o", ms=3, label=f"{lab}: certified")
+        if np.isfinite(emp).any():
+            ax.plot(e, emp, "--", color=col, marker="s", ms=3, label=f"{lab}: empirical (attacks)")
+            ok = np.isfinite(emp)
+            ax.fill_between(e[ok], cert[ok], emp[ok], color=col, alpha=0.12)
+        unst = [(a, u) for a, u in zip(s["eps"], s["unstable"]) if u is not None]
+        if unst:
+            ax2 = ax2 or ax.twinx()
+            ax2.plot(*zip(*unst), ":", color=col, marker="^", ms=3, label=f"{lab}: unstable activations")
+    ax.set_xlabel("ε (ℓ∞, pixel units in [0,1])")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    handles, labs = ax.get_legend_handles_labels()
+    if ax2 is not None:
+        ax2.set_ylabel("unstable front-end activation fraction")
+        ax2.set_ylim(-0.02, 1.02)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labs = handles + h2, labs + l2
+    ax.legend(handles, labs, fontsize=7, loc="upper right")
+    ax.set_title(title or "Certified vs empirical robust accuracy vs ε")
+    png = _png(fig)
+    if path is not None:
+        from pathlib import Path
+
+        Path(path).write_bytes(png)
+    return png
+
+
 def log_spectrum(a: np.ndarray) -> np.ndarray:
     """Mean log-magnitude 2-D FFT (centred) over all leading axes of [..., H, W]."""
     f = np.fft.fftshift(np.fft.fft2(np.asarray(a, np.float64)), axes=(-2, -1))
@@ -136,6 +233,11 @@ def figures(report, oracle: Any = None, x: np.ndarray | None = None) -> list[tup
     """[(id, caption, png)] for every plot the report supports."""
     out = [("accuracy_vs_eps", "Robust accuracy vs ε per attack (dashed: worst case over attacks)",
             accuracy_vs_eps(report))]
+    if certified_series(report) is not None:
+        out.append(("certified_vs_empirical", "Certified (solid, provable lower bound) vs empirical "
+                    "(dashed, worst case over attacks) robust accuracy vs ε; the true robust accuracy "
+                    "lies in the shaded interval. Dotted, right axis: fraction of unstable front-end "
+                    "activations (polarizing models)", certified_vs_empirical(report)))
     xs = report.x_samples if report.x_samples is not None else x
     if xs is None or not report.samples:
         return out

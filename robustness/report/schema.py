@@ -2,7 +2,7 @@
 
 report.json schema (``schema_version`` "1.0"): top-level keys
 ``schema_version, created_at, seed, seeds, package, suite, n_examples, class_names,
-clean_accuracy, headline, results, worst_case, checks, totals, cancelled``.
+clean_accuracy, headline, results, worst_case, checks, totals, certified``.
 
 * ``results``: one entry per (attack, ε): ``attack`` (registry name), ``label``, ``eps``,
   ``fixed_eps`` (bool), ``on_survivors`` (cascade mode), ``targeted``, ``params``, ``seed``
@@ -13,6 +13,18 @@ clean_accuracy, headline, results, worst_case, checks, totals, cancelled``.
 * ``headline``: ``{"eps", "robust_accuracy"}``, the worst case at the suite's headline ε.
 * ``checks``: ``[{"name", "status": pass|warn|skip, "detail"}]``.
 * ``totals``: ``gradients``, ``queries`` (examples), ``wall_s``.
+* ``certified`` (added in 1.0 without a version bump: readers treat a missing key as null): null
+  when the suite has no ``certify`` entry, else ``status`` ("ok" | "skipped"), ``reason`` (why it
+  was skipped, else null), ``method`` (the manifest's bounds method, "ibp"), ``margin``
+  ("interval": plain logit-interval margins) and ``margin_note``, ``pfe_c`` / ``pfe_c_source``
+  (saturation threshold used for the unstable fraction, or null), and ``per_eps``: one entry per
+  certified ε with ``eps``, ``label``, ``n``, ``certified_accuracy``,
+  ``empirical_robust_accuracy`` (the worst case over attacks at that ε, else the lowest attack
+  row at that ε, else null), ``interval`` ([certified, empirical]: the true robust accuracy lies
+  inside), ``gap``, ``unstable_fraction`` (polarizing models: fraction of front-end activations
+  within ε of ±c; else null), ``activations``, ``mean_margin_lower``, ``certified_mask``
+  (per-example 0/1), ``queries``, ``wall_s``. Certification never enters ``results``,
+  ``worst_case`` or ``headline``.
 Everything except ``created_at`` and the ``wall_s`` fields is identical for a fixed seed.
 """
 from __future__ import annotations
@@ -47,6 +59,7 @@ class Report:
     clean_pred_samples: np.ndarray | None = None
     samples: dict[tuple[str, float], dict[str, np.ndarray]] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
+    certified: dict[str, Any] | None = None
 
     def result(self, label: str, eps: float) -> dict[str, Any] | None:
         for r in self.results:
@@ -61,7 +74,7 @@ class Report:
             "n_examples": self.n_examples, "class_names": self.class_names,
             "clean_accuracy": self.clean_accuracy, "headline": self.headline,
             "results": self.results, "worst_case": self.worst_case, "checks": self.checks,
-            "totals": self.totals,
+            "totals": self.totals, "certified": self.certified,
         }
 
 

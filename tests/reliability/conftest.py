@@ -155,3 +155,42 @@ def assert_no_tracebacks(logs: str) -> None:
 
 def assert_no_token(logs: str) -> None:
     assert TOKEN not in logs, "the audit token appears in the server log"
+
+
+def can_private_mount() -> bool:
+    """Root with ``unshare``: a server child may get its own tmpfs (no trace left behind)."""
+    import shutil as _sh
+
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and _sh.which("unshare") is not None
+
+
+def start_proc_with_tmpfs(repo: Path, state_dir: Path, *flags: str, tmp: Path, size_kib: int = 1024,
+                          read_only: bool = False):
+    """``start_proc`` with ``state_dir`` on a private tmpfs of ``size_kib`` (its own mount
+    namespace: the mount disappears with the process). The test reaches the tmpfs through
+    ``/proc/<pid>/root``. Needs root (``can_private_mount``)."""
+    import subprocess as sp
+    import sys
+
+    from tests import server_helpers as h
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    script = (f'mount -t tmpfs -o size={int(size_kib)}k,mode=0755 dcs-test-state "$0" || exit 97; '
+              + ('mount -o remount,ro "$0" || exit 98; ' if read_only else "")
+              + 'exec "$@"')
+    real_popen = sp.Popen
+
+    def popen(cmd, *a, **kw):
+        return real_popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                           str(state_dir), *cmd], *a, **kw)
+
+    h.subprocess.Popen = popen  # only for the one call below
+    try:
+        return start_proc(repo, *flags, tmp=tmp, state_dir=state_dir)
+    finally:
+        h.subprocess.Popen = real_popen
+
+
+def in_child_ns(proc, path: Path) -> Path:
+    """``path`` as the child sees it (inside its private mount namespace)."""
+    return Path(f"/proc/{proc.proc.pid}/root") / Path(path).resolve().relative_to("/")

@@ -24,7 +24,7 @@ from proto import grpc_predict_v2_pb2_grpc as ipb_grpc
 from robustness.attacks import REGISTRY
 from tests.reliability.conftest import AUTH, MODEL, assert_no_tracebacks, start_proc
 
-FAST, SLOW = 12, 300
+FAST, SLOW = 25, 300
 
 #: What a well-behaved server may answer to arbitrary input (DESIGN §5). Never UNKNOWN/INTERNAL.
 ALLOWED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
