@@ -57,7 +57,7 @@ reproduce-quick: venv
 	$(PY) -m training.reproduce --preset quick
 
 stress: venv
-	$(PY) -m pytest -m slow tests/reliability $(PYTEST_ARGS)
+	DCS_STRESS_OUT=results/stress/raw.json $(PY) -m pytest -m "slow or not slow" tests/reliability $(PYTEST_ARGS); rc=$$?; $(PY) scripts/stress_summary.py results/stress/raw.json results/stress && exit $$rc
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo_out

@@ -35,7 +35,15 @@ from robustness.attacks.base import AttackError
 from robustness.metrics import attack_metrics
 from robustness.oracle import has_gradients
 from robustness.report.schema import Report
-from robustness.suites import PRESETS, AttackSpec, CheckConfig, Suite, SuiteError, get_suite, is_evaluator
+from robustness.suites import (
+    PRESETS,
+    AttackSpec,
+    CheckConfig,
+    Suite,
+    SuiteError,
+    get_suite,
+    is_evaluator,
+)
 
 log = logging.getLogger(__name__)
 

@@ -53,11 +53,6 @@ class Batcher:
         self._carry: _Item | None = None
         self._taken: list[_Item] = []  # out of the queue, not yet answered
         self._name = runtime.name
-        #: Requests submitted and not yet answered (queued, carried or in a running batch).
-        #: ``max_queue`` bounds this, not only the asyncio queue: under load the queue is drained
-        #: into batches at once, so its size alone never reaches the bound and excess requests
-        #: waited on the event loop instead of being refused.
-        self._outstanding = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self._name}")
@@ -71,18 +66,15 @@ class Batcher:
         if self._closing:
             raise BatcherClosed(f"model {self._name!r} version {self.runtime.version} is being "
                                 "unloaded; retry")
-        if self._outstanding >= self.max_queue:
-            raise QueueFull(
-                f"queue for model {self._name!r} is full ({self._outstanding} requests waiting or "
-                f"running, --max-queue={self.max_queue}); retry with backoff")
         item = _Item(x, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(item)  # cannot overflow: outstanding >= queued
-        self._outstanding += 1
         try:
-            self._metrics.queue_depth.labels(self._name).set(self._queue.qsize())
-            return await item.future
-        finally:
-            self._outstanding -= 1
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            raise QueueFull(
+                f"queue for model {self._name!r} is full ({self.max_queue} requests waiting, "
+                f"--max-queue={self.max_queue}); retry with backoff") from None
+        self._metrics.queue_depth.labels(self._name).set(self._queue.qsize())
+        return await item.future
 
     async def close(self, timeout: float = 60.0) -> None:
         """Stop taking requests, answer the queued and in-progress ones (bounded), then stop.

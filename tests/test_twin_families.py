@@ -110,3 +110,26 @@ def test_bounds_are_sound(family, eps):
         assert np.abs(xp - x).max() <= eps + 1e-7
         logits = pkg.logits(xp)
         assert (logits >= lo - 1e-5).all() and (logits <= hi + 1e-5).all()
+
+
+def test_bounds_hold_at_the_strongest_pgd_points(family):
+    """Issue 13's soundness list: the strongest PGD points found stay inside the bounds. Per
+    class t, 20 targeted signed-gradient steps that push logit t up (towards its upper bound),
+    and 20 untargeted steps from the true label (pushing logit y towards its lower bound); every
+    iterate, not only the last, is checked."""
+    (_, defense, shape, k), _, pkg, _ = family
+    rng = np.random.default_rng(5)
+    x = rng.random((3, *shape), dtype=np.float32)
+    y = pkg.logits(x).argmax(1)
+    eps = 0.03
+    lo, hi = pkg.logit_bounds(x, eps)
+    for t in [None, *range(k)]:
+        lab = y if t is None else np.full(len(x), t, np.int64)
+        sign = 1.0 if t is None else -1.0  # ascend CE(y) / descend CE(t)
+        adv = np.clip(x + rng.uniform(-eps, eps, x.shape), 0, 1).astype(np.float32)
+        for step in range(21):
+            logits = pkg.logits(adv)  # the served model's logits, not the twin's
+            assert (logits >= lo - 1e-5).all() and (logits <= hi + 1e-5).all(), (t, step, defense)
+            _, g = pkg.loss_grad(adv, lab)
+            adv = np.clip(np.clip(adv + sign * 0.25 * eps * np.sign(g), x - eps, x + eps), 0, 1)
+            adv = adv.astype(np.float32)

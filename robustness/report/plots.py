@@ -132,7 +132,7 @@ def certified_vs_empirical(reports, labels: list[str] | None = None, *, title: s
         ax2.set_ylim(-0.02, 1.02)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labs = handles + h2, labs + l2
-    ax.legend(handles, labs, fontsize=7, loc="upper right")
+    ax.legend(handles, labs, fontsize=7, loc="best")
     ax.set_title(title or "Certified vs empirical robust accuracy vs ε")
     png = _png(fig)
     if path is not None:
@@ -234,10 +234,11 @@ def figures(report, oracle: Any = None, x: np.ndarray | None = None) -> list[tup
     out = [("accuracy_vs_eps", "Robust accuracy vs ε per attack (dashed: worst case over attacks)",
             accuracy_vs_eps(report))]
     if certified_series(report) is not None:
-        out.append(("certified_vs_empirical", "Certified (solid, provable lower bound) vs empirical "
-                    "(dashed, worst case over attacks) robust accuracy vs ε; the true robust accuracy "
-                    "lies in the shaded interval. Dotted, right axis: fraction of unstable front-end "
-                    "activations (polarizing models)", certified_vs_empirical(report)))
+        caption = ("Certified (solid, provable lower bound) vs empirical (dashed, worst case over "
+                   "attacks) robust accuracy vs ε; the true robust accuracy lies in the shaded "
+                   "interval. Dotted, right axis: fraction of unstable front-end activations "
+                   "(polarizing models)")
+        out.append(("certified_vs_empirical", caption, certified_vs_empirical(report)))
     xs = report.x_samples if report.x_samples is not None else x
     if xs is None or not report.samples:
         return out

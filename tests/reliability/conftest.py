@@ -194,3 +194,23 @@ def start_proc_with_tmpfs(repo: Path, state_dir: Path, *flags: str, tmp: Path, s
 def in_child_ns(proc, path: Path) -> Path:
     """``path`` as the child sees it (inside its private mount namespace)."""
     return Path(f"/proc/{proc.proc.pid}/root") / Path(path).resolve().relative_to("/")
+
+
+HEAVY = "heavy-mlp"
+
+
+@pytest.fixture(scope="session")
+def heavy_repo(tmp_path_factory) -> Path:
+    """A wide MLP with random weights (no training): ONNX Runtime, not Python, is the
+    bottleneck, as with a real CNN. Used by the overload test."""
+    from robustness.testing import MLPWeights, build_mlp_package
+
+    rng = np.random.default_rng(0)
+    d, h, k = 64, 16384, 10
+    w = MLPWeights(w1=(rng.standard_normal((d, h)) / 8).astype(np.float32),
+                   b1=np.zeros(h, np.float32),
+                   w2=(rng.standard_normal((h, k)) / 128).astype(np.float32),
+                   b2=np.zeros(k, np.float32))
+    repo = tmp_path_factory.mktemp("heavy-repo")
+    build_mlp_package(repo, HEAVY, 1, w, (1, 8, 8), [str(i) for i in range(k)])
+    return repo

@@ -19,7 +19,7 @@ import pytest
 
 from proto import classifier_pb2 as cpb
 from proto import classifier_pb2_grpc as cpb_grpc
-from tests.reliability.conftest import MODEL, assert_no_tracebacks, proc_rss_kib, start_proc
+from tests.reliability.conftest import HEAVY, assert_no_tracebacks, proc_rss_kib, start_proc
 from tests.server_helpers import ROOT, sample_value, scrape_metrics
 
 #: Codes an overloaded server may answer with. DEADLINE_EXCEEDED would mean a request waited
@@ -36,11 +36,11 @@ def _p50(stub, req, n: int) -> float:
     return statistics.median(times)
 
 
-def run_overload(base_repo, tmp_path, stats, *, seconds: float, procs: int, concurrency: int,
+def run_overload(repo, tmp_path, stats, *, seconds: float, procs: int, concurrency: int,
                  label: str) -> dict:
-    srv = start_proc(base_repo, "--max-queue", "64", "--max-batch", "32", tmp=tmp_path)
+    srv = start_proc(repo, "--max-queue", "64", "--max-batch", "32", tmp=tmp_path)
     x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
-    req = cpb.ClassifyRequest(model=MODEL, images=cpb.Tensor(dtype=cpb.FLOAT32, shape=x.shape,
+    req = cpb.ClassifyRequest(model=HEAVY, images=cpb.Tensor(dtype=cpb.FLOAT32, shape=x.shape,
                                                              data=x.tobytes()))
     rss_samples: list[int] = []
     try:
@@ -49,10 +49,10 @@ def run_overload(base_repo, tmp_path, stats, *, seconds: float, procs: int, conc
             _p50(stub, req, 20)  # warm up
             baseline = _p50(stub, req, 40)
             rss_before = proc_rss_kib(srv.proc.pid)[0]
-            model = str(base_repo / MODEL / "1" / "model.onnx")
+            model = str(repo / HEAVY / "1" / "model.onnx")
             clients = [subprocess.Popen(
                 [sys.executable, "-m", "tests.reliability.load_client", srv.target, str(seconds),
-                 str(concurrency), str(seed), model],
+                 str(concurrency), str(seed), model, HEAVY],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for seed in range(procs)]
             stop = threading.Event()
@@ -129,7 +129,13 @@ def run_overload(base_repo, tmp_path, stats, *, seconds: float, procs: int, conc
     assert set(codes) <= ALLOWED, figures
     assert codes.get("OK", 0) > 0
     assert codes.get("RESOURCE_EXHAUSTED", 0) > 0, f"no excess was refused: {figures}"
-    assert lat["RESOURCE_EXHAUSTED"]["p50_ms"] < 100, figures  # refused fast, not queued
+    # Refused fast, not queued: a refusal takes a fraction of what a served request waits.
+    # (Absolute figures on a 2-core machine shared with the clients are CPU-starved; the
+    # server itself refuses at submit without waiting.)
+    assert lat["RESOURCE_EXHAUSTED"]["p50_ms"] < 0.5 * lat["OK"]["p50_ms"], figures
+    assert lat["RESOURCE_EXHAUSTED"]["p99_ms"] < 1000, figures
+    # Every refusal the clients saw is one the server counted: the bounded queue, not transport.
+    assert figures["server_rejected_metric"] == codes["RESOURCE_EXHAUSTED"], figures
     assert figures["rss_peak_kib"] - rss_before < 256 * 1024, figures  # memory bounded
     assert recovered_after is not None and recovered_after < 10, (figures, windows[-5:])
     assert final <= 2 * baseline + 0.002, figures
@@ -137,12 +143,12 @@ def run_overload(base_repo, tmp_path, stats, *, seconds: float, procs: int, conc
     return figures
 
 
-def test_overload_short(base_repo, tmp_path, stats):
-    run_overload(base_repo, tmp_path, stats, seconds=4, procs=2, concurrency=60, label="overload 4 s")
+def test_overload_short(heavy_repo, tmp_path, stats):
+    run_overload(heavy_repo, tmp_path, stats, seconds=4, procs=2, concurrency=60, label="overload 4 s")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_overload_30s(base_repo, tmp_path, stats):
-    run_overload(base_repo, tmp_path, stats, seconds=30, procs=3, concurrency=100,
+def test_overload_30s(heavy_repo, tmp_path, stats):
+    run_overload(heavy_repo, tmp_path, stats, seconds=30, procs=3, concurrency=100,
                  label="overload 30 s")

@@ -198,6 +198,16 @@ def _summary(rep, written) -> None:
     lines = [(f"{pkg.get('name')} v{pkg.get('version')} (sha256 {str(pkg.get('sha256', ''))[:12]}): "
               f"clean {100 * d['clean_accuracy']:.1f}%, worst-case robust "
               f"{100 * (head['robust_accuracy'] or 0):.1f}% at ε={head['eps']:g}")]
+    cert = d.get("certified")
+    if cert is not None and cert["status"] != "ok":
+        lines.append(f"  certified: skipped ({cert['reason']})")
+    for c in (cert or {}).get("per_eps", []):
+        emp = c["empirical_robust_accuracy"]
+        unst = c.get("unstable_fraction")
+        lines.append(f"  certified at ε={c['eps']:g}: {100 * c['certified_accuracy']:.1f}% "
+                     f"(robust accuracy in [{100 * c['certified_accuracy']:.1f}, "
+                     f"{'—' if emp is None else f'{100 * emp:.1f}'}]%)"
+                     + ("" if unst is None else f", unstable front-end activations {100 * unst:.2f}%"))
     for c in d["checks"]:
         lines.append(f"  [{c['status'].upper():4}] {c['name']}: {c['detail']}")
     lines += [f"  wrote {p}" for p in written]
