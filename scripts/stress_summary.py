@@ -61,25 +61,25 @@ def to_markdown(s: dict) -> str:
     o = s["overload"]
     lines = [
         "# Stress summary (`make stress`)", "",
-        f"Generated {s['generated_utc']} at commit `{s['commit']}`"
+        (f"Generated {s['generated_utc']} at commit `{s['commit']}`"
         f"{' (uncommitted changes)' if s['tree_dirty'] else ''}; {s['machine']['cpus']} CPUs, "
         f"Python {s['machine']['python']}. pytest: {s['pytest']['tests']} tests, "
-        f"{s['pytest']['failed']} failed (exit {s['pytest']['exit_status']}).", "",
+        f"{s['pytest']['failed']} failed (exit {s['pytest']['exit_status']})."), "",
         "| figure | value |", "|---|---|",
         f"| fuzz cases tried (all RPCs, both APIs, random bytes) | {s['fuzz_cases_total']} |",
         f"| requests made by the suite | {s['requests_total']} |",
         f"| requests served OK | {s['requests_ok']} |",
         f"| errors by code | {', '.join(f'{k} {v}' for k, v in s['errors_by_code'].items()) or 'none'} |",
         f"| max server RSS (VmHWM) | {s['max_server_rss_mib']} MiB |",
-        f"| overload | {o['seconds']} s, {o['client_processes']} client processes, "
-        f"{o['concurrent_streams']} concurrent streams |",
+        (f"| overload | {o['seconds']} s, {o['client_processes']} client processes, "
+        f"{o['concurrent_streams']} concurrent streams |"),
         f"| overload requests / served per s | {o['requests']} / {o['served_per_s']} |",
         f"| overload codes | {o['codes']} |",
         f"| overload wrong answers (vs in-process ORT) | {o['wrong_answers']} |",
         f"| overload latency ms (client side) | {o['latency_ms']} |",
         f"| server RSS before / peak under load | {o['rss_before_mib']} / {o['rss_peak_mib']} MiB |",
-        f"| recovery to normal latency | {o['recovery_s']} s (p50 {o['baseline_p50_ms']} ms before, "
-        f"{o['after_p50_ms']} ms after) |",
+        (f"| recovery to normal latency | {o['recovery_s']} s (p50 {o['baseline_p50_ms']} ms before, "
+        f"{o['after_p50_ms']} ms after) |"),
         "", "## Fuzz cases by RPC", "", "| RPC | cases |", "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in sorted(s["fuzz_cases_by_rpc"].items())]

@@ -130,7 +130,8 @@ def test_subprocess_missing_data_dir(tmp_path):
     dcs = Path(sys.executable).with_name("dcs")
     cmd = [str(dcs)] if dcs.exists() else [sys.executable, "-m", "training.cli"]
     proc = subprocess.run([*cmd, "train", "--dataset", "fmnist", "--data-dir", str(tmp_path / "missing"),
-                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "run")], check=False, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--data-dir" in lines[0] and "Traceback" not in proc.stderr

@@ -18,7 +18,9 @@ queries on it. Stopping it therefore changes neither ``x_adv`` nor ``success``: 
 without early stopping are identical (bit for bit on an oracle whose per-example output does not
 depend on the batch it came in; ``Attack.early_stop=False`` exists to test exactly this). Random numbers are drawn for the whole batch at every step
 (and then indexed by the still-active examples), so the random stream does not depend on which
-examples stopped. Results are reproducible for a fixed ``rng`` seed and ``batch_size``.
+examples stopped. Results are reproducible for a fixed ``rng`` seed and ``batch_size``; with an
+``ExampleRNG`` (one generator per example, what ``robustness.audit`` passes) they do not depend
+on ``batch_size`` or on the other examples in the batch either.
 """
 from __future__ import annotations
 
@@ -148,6 +150,56 @@ def predict_success(logits: np.ndarray, y: np.ndarray, target: np.ndarray | None
     return pred == target if target is not None else pred != y
 
 
+class ExampleRNG:
+    """Random draws whose row ``k`` comes from example ``k``'s own generator.
+
+    ``robustness.audit`` builds one per job from ``default_rng([seed, job, example_index])``
+    (global example index), so an example's random numbers do not depend on its batch, its
+    position or which other examples run with it: a shard of the test set reproduces the
+    unsharded per-example results. Supports the draws attacks make (``uniform``, ``integers``,
+    ``choice``, ``random``, ``normal``); ``size`` must start with the number of examples.
+    """
+
+    def __init__(self, generators) -> None:
+        self._gens = list(generators)
+
+    @classmethod
+    def for_examples(cls, words, example_ids) -> ExampleRNG:
+        return cls(np.random.default_rng([*map(int, words), int(g)]) for g in example_ids)
+
+    def __len__(self) -> int:
+        return len(self._gens)
+
+    def rows(self, index) -> ExampleRNG:
+        """The generators of a subset (slice or index array) of the examples, sharing state."""
+        if isinstance(index, slice):
+            return ExampleRNG(self._gens[index])
+        return ExampleRNG(self._gens[int(i)] for i in np.asarray(index).reshape(-1))
+
+    def _draw(self, method: str, size, *args, **kw) -> np.ndarray:
+        size = (len(self._gens),) if size is None else ((size,) if np.isscalar(size) else tuple(size))
+        if size[0] != len(self._gens):
+            raise AttackError(f"ExampleRNG: size {size} must start with the {len(self._gens)} examples")
+        rest = size[1:] or None
+        draws = [getattr(g, method)(*args, size=rest, **kw) for g in self._gens]
+        return np.stack(draws) if draws else np.empty(size)
+
+    def uniform(self, low=0.0, high=1.0, size=None) -> np.ndarray:
+        return self._draw("uniform", size, low, high)
+
+    def integers(self, low, high=None, size=None) -> np.ndarray:
+        return self._draw("integers", size, low, high)
+
+    def choice(self, a, size=None) -> np.ndarray:
+        return self._draw("choice", size, a)
+
+    def random(self, size=None) -> np.ndarray:
+        return self._draw("random", size)
+
+    def normal(self, loc=0.0, scale=1.0, size=None) -> np.ndarray:
+        return self._draw("normal", size, loc, scale)
+
+
 class Tracker:
     """Per-example records implementing the early-stopping semantics in the module docstring.
 
@@ -270,8 +322,11 @@ class Attack:
         gradients, and times the run. ``on_batch(done, total)`` is called after each batch and
         ``should_stop()`` is polled before each one (raises ``Stopped``).
         """
-        if not isinstance(rng, np.random.Generator):
-            raise AttackError(f"{self.name}: rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        if not isinstance(rng, (np.random.Generator, ExampleRNG)):
+            raise AttackError(f"{self.name}: rng must be a numpy.random.Generator or ExampleRNG, "
+                              f"got {type(rng).__name__}")
+        if isinstance(rng, ExampleRNG) and len(rng) != len(x):
+            raise AttackError(f"{self.name}: ExampleRNG for {len(rng)} examples but {len(x)} inputs")
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64).reshape(-1)
         if len(x) != len(y):
@@ -302,7 +357,9 @@ class Attack:
             tb = target[sl] if target is not None else None
             # One child generator per batch: the stream inside a batch never depends on how
             # many draws an earlier batch made after its examples stopped early.
-            batch_rng = np.random.default_rng(rng.integers(0, 2**63 - 1))
+            # ExampleRNG: each example keeps its own generator (independent of batching).
+            batch_rng = (rng.rows(sl) if isinstance(rng, ExampleRNG)
+                         else np.random.default_rng(rng.integers(0, 2**63 - 1)))
             mask = self._mask(xb)
             clean_logits = counted.logits(xb)
             track = Tracker(xb, yb, tb, clean_logits, self.early_stop)

@@ -170,7 +170,6 @@ def start_proc_with_tmpfs(repo: Path, state_dir: Path, *flags: str, tmp: Path, s
     namespace: the mount disappears with the process). The test reaches the tmpfs through
     ``/proc/<pid>/root``. Needs root (``can_private_mount``)."""
     import subprocess as sp
-    import sys
 
     from tests import server_helpers as h
 

@@ -4,6 +4,7 @@ created, and a read-only or full state directory."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import threading
@@ -18,8 +19,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto import classifier_pb2 as cpb
 from proto import classifier_pb2_grpc as cpb_grpc
 from tests.reliability.conftest import (
-    AUTH, MODEL, assert_no_token, assert_no_tracebacks, can_private_mount, checked_call,
-    in_child_ns, proc_rss_kib, start_proc, start_proc_with_tmpfs,
+    AUTH,
+    MODEL,
+    assert_no_token,
+    assert_no_tracebacks,
+    can_private_mount,
+    checked_call,
+    in_child_ns,
+    proc_rss_kib,
+    start_proc,
+    start_proc_with_tmpfs,
 )
 from tests.server_helpers import sample_value, scrape_metrics, wait_for_health
 
@@ -82,7 +91,7 @@ def test_sigterm_under_load_drains_accepted_refuses_new_and_flips_health_first(
         base_repo, tmp_path, stats, digits_test, reference):
     x, _ = digits_test
     srv = start_proc(base_repo, "--max-queue-delay-ms", "250", "--max-batch", "32",
-                     "--grace-period-s", "10", tmp=tmp_path)
+                     "--grace-period-s", "5", tmp=tmp_path)
     health_events: list[tuple[float, int]] = []
     try:
         ch = grpc.insecure_channel(srv.target)
@@ -139,6 +148,9 @@ def test_sigterm_under_load_drains_accepted_refuses_new_and_flips_health_first(
     finally:
         srv.__exit__()
     assert rc == 0, srv.logs()[-3000:]
+    # Bounded: the stop never outlasts the grace period (an open health Watch stream holds the
+    # drain until the grace period ends, then it is cancelled).
+    assert t_exit - t_term < 5 + 3
     assert after and after[-1][1] == "UNAVAILABLE", after
     for _, code in after:
         stats.code(code)
@@ -406,8 +418,7 @@ def test_full_state_dir_audits_refused_clearly_classify_unaffected_then_recovers
             assert watch_final(audits, ok).state == cpb.SUCCEEDED
             with open(fill, "wb", buffering=0) as f:  # fill the child's tmpfs to the last block
                 try:
-                    for _ in range(4096):
-                        f.write(b"\0" * 4096)
+                    f.writelines(b"\0" * 4096 for _ in range(4096))
                 except OSError:
                     pass
             classify_ok(cpb_grpc.ClassifierStub(ch), x[:4], reference, stats)
@@ -439,4 +450,32 @@ def test_full_state_dir_audits_refused_clearly_classify_unaffected_then_recovers
     stats.rss(proc_rss_kib(srv.proc.pid)[1])
 
 
-import os  # noqa: E402  (used by the read-only test's non-root branch)
+
+def test_state_write_failure_at_job_end_does_not_leak_the_audit_slot(base_repo, tmp_path, stats,
+                                                                      digits_test):
+    """The disk fills (or the database breaks) just as a job ends: the job's final state cannot
+    be written, but its concurrency slot must still be freed, or every later audit is refused."""
+    from tests.server_helpers import InProcessServer
+
+    x, y = digits_test
+    with InProcessServer(base_repo, audit_token=AUTH[0][1].split()[1],
+                         state_dir=tmp_path / "state") as srv, \
+            grpc.insecure_channel(srv.target) as ch:
+        store = srv.server.audits.manager.store
+        real_update = store.update
+
+        def failing_update(job_id, **fields):
+            if fields.get("state") in ("succeeded", "failed", "cancelled", "interrupted"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real_update(job_id, **fields)
+
+        store.update = failing_update
+        audits = cpb_grpc.AuditStub(ch)
+        req = cpb.StartAuditRequest(model=MODEL, attacks=[cpb.AttackSpec(name="fgsm")], eps=[0.1],
+                                    examples=upload(x[:4], y[:4]))
+        first = audits.StartAudit(req, metadata=AUTH, timeout=10).job_id
+        assert watch_final(audits, first).state == cpb.SUCCEEDED  # the live event still arrives
+        store.update = real_update
+        second = audits.StartAudit(req, metadata=AUTH, timeout=10).job_id  # not RESOURCE_EXHAUSTED
+        assert watch_final(audits, second).state == cpb.SUCCEEDED
+        stats.code("OK", 4)

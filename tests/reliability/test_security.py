@@ -18,7 +18,13 @@ from proto import classifier_pb2_grpc as cpb_grpc
 from proto import grpc_predict_v2_pb2 as ipb
 from proto import grpc_predict_v2_pb2_grpc as ipb_grpc
 from tests.reliability.conftest import (
-    AUTH, MODEL, TOKEN, assert_no_token, assert_no_tracebacks, checked_call, start_proc,
+    AUTH,
+    MODEL,
+    TOKEN,
+    assert_no_token,
+    assert_no_tracebacks,
+    checked_call,
+    start_proc,
 )
 
 AUDIT_CALLS = [
@@ -99,7 +105,6 @@ def test_token_compare_is_constant_time(monkeypatch):
     """The server compares tokens with hmac.compare_digest (== leaks a timing side channel)."""
     import hmac
     import inspect
-    import secrets
 
     import server.audit as audit_mod
     from server.errors import PermissionDenied
@@ -123,7 +128,7 @@ def test_token_compare_is_constant_time(monkeypatch):
     for bad in ("== self._token", "self._token ==", "!= self._token", "self._token !=",
                 "startswith(self._token"):
         assert bad not in src
-    assert secrets.compare_digest is hmac.compare_digest or True  # either is constant time
+    assert True  # either is constant time
 
 
 def test_request_size_limit_is_enforced_and_server_keeps_serving(chan, stats, digits_test):
@@ -160,7 +165,7 @@ def _start(chan, stats, **kw):
 def test_audit_limits_cannot_be_bypassed_through_parameters(chan, stats, digits_test):
     x, y = digits_test
     ex = upload(x[:8], y[:8])
-    attack = lambda name, **p: [cpb.AttackSpec(name=name, params_json=json.dumps(p))]  # noqa: E731
+    attack = lambda name, **p: [cpb.AttackSpec(name=name, params_json=json.dumps(p))]
     cases = [
         # (kwargs, expected code, word in the message)
         ({"examples": ex, "limits": cpb.AuditLimits(max_examples=10**12)}, "RESOURCE_EXHAUSTED", "max_examples"),
@@ -250,7 +255,12 @@ def test_repository_never_loads_a_package_from_outside(base_repo, tmp_path, stat
 
 def _reseal(pkg: Path, name: str | None = None) -> None:
     from robustness.manifest import (
-        GRAD_FILE, MANIFEST_FILE, MODEL_FILE, atomic_write_json, file_entry, seal,
+        GRAD_FILE,
+        MANIFEST_FILE,
+        MODEL_FILE,
+        atomic_write_json,
+        file_entry,
+        seal,
     )
 
     m = json.loads((pkg / MANIFEST_FILE).read_text())
@@ -287,7 +297,7 @@ def test_tls_with_a_test_ca_and_plaintext_or_untrusted_clients_refused(base_repo
     other.mkdir()
     other_ca, _, _ = make_ca_and_cert(other)
     srv = start_proc(base_repo, "--tls-cert", str(cert), "--tls-key", str(key), tmp=tmp_path)
-    x, y = digits_test
+    x, _y = digits_test
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
         with grpc.secure_channel(srv.target, creds) as ch:
