@@ -1,8 +1,12 @@
 """``audit``: run a suite against an oracle and return a ``Report`` (the server reuses this).
 
-Determinism: every (attack, ε) job gets its own generator ``numpy.random.default_rng([seed, i])``
-(i = the job's index in ``Suite.jobs()``; checks use ``[seed, 1000 + k]``), so numbers are the
-same run to run for a fixed seed, suite and batch size. No global RNG is touched.
+Determinism: every example gets, per (attack, ε) job, its own generator
+``numpy.random.default_rng([seed, i, g])`` (i = the job's index in ``Suite.jobs()``, g = the
+example's global index, ``example_ids``; checks use ``[seed, 1000 + k, g]``), wrapped in an
+``ExampleRNG``. An example's numbers therefore depend on the seed, the job and its own index
+only, not on its batch or the other examples: a shard (``example_ids`` = its slice of the test
+set) reproduces the unsharded per-example results (``robustness.shard``). No global RNG is
+touched. ``Report.outcomes`` carries the per-example outcomes a merge needs.
 
 Budget: ``suite.max_gradients`` / ``suite.max_queries`` (examples through ``loss_grad`` /
 ``logits``, checks included). The audit refuses a suite whose worst-case cost exceeds them before
@@ -31,8 +35,8 @@ import numpy as np
 from robustness import certify as CE
 from robustness import checks as C
 from robustness.attacks import REGISTRY, Budget, BudgetExceeded, Stopped, build
-from robustness.attacks.base import AttackError
-from robustness.metrics import attack_metrics
+from robustness.attacks.base import AttackError, ExampleRNG
+from robustness.metrics import attack_metrics, l2_dissimilarity
 from robustness.oracle import has_gradients
 from robustness.report.schema import Report
 from robustness.suites import (
@@ -135,15 +139,23 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
           should_stop: Callable[[], bool] | None = None,
           package_info: dict | None = None,
           sources: Mapping[str, Any] | None = None,
-          class_names: list[str] | None = None) -> Report:
-    """Run ``suite`` (a Suite, preset name or suite file) on ``oracle`` and return a Report."""
+          class_names: list[str] | None = None,
+          example_ids: np.ndarray | None = None) -> Report:
+    """Run ``suite`` (a Suite, preset name or suite file) on ``oracle`` and return a Report.
+
+    ``example_ids``: the global index of each row of ``x`` (default ``0..N-1``); it keys the
+    per-example random streams and selects the check subset (global index < checks.max_examples).
+    """
     try:
         suite = get_suite(suite)
     except SuiteError as exc:
         raise AuditError(str(exc)) from None
     x, y = _validate(oracle, x, y)
+    gids = np.arange(len(x)) if example_ids is None else np.asarray(example_ids, np.int64).reshape(-1)
+    if len(gids) != len(x) or len(np.unique(gids)) != len(gids) or (len(gids) and gids.min() < 0):
+        raise AuditError(f"example_ids: expected {len(x)} distinct non-negative indices")
     if suite.max_examples is not None:
-        x, y = x[: suite.max_examples], y[: suite.max_examples]
+        x, y, gids = x[: suite.max_examples], y[: suite.max_examples], gids[: suite.max_examples]
     n = len(x)
     est_g, est_q = suite.estimate_cost(n)
     if suite.max_gradients is not None and est_g > suite.max_gradients:
@@ -163,7 +175,8 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
         package_info = oracle.describe()
     budget = Budget(suite.max_gradients, suite.max_queries)
     cfg = suite.checks
-    m_checks = min(n, cfg.max_examples) if cfg.enabled else 0
+    chk = np.flatnonzero(gids < cfg.max_examples) if cfg.enabled else np.arange(0)
+    m_checks = len(chk)
     check_units = 0
     if cfg.enabled:
         noise_in_suite = any(s.attack == "noise" and s.eps is None for s in suite.attacks)
@@ -210,9 +223,11 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     samples: dict[tuple[str, float], dict[str, np.ndarray]] = {}
     k_img = min(n, max(suite.n_images, N_SPECTRUM))
     certs: list[tuple[str, CE.CertifyResult]] = []
+    outcomes: dict[str, Any] = {"example_ids": gids.copy(), "y": y.copy(), "clean_pred": clean_pred.copy(),
+                                "results": [], "checks": {}}
 
     for i, (spec, eps) in enumerate(jobs):
-        rng = np.random.default_rng([seed, i])
+        rng = ExampleRNG.for_examples([seed, i], gids)
         params = dict(spec.params)
         if is_evaluator(spec.attack):
             certs.append((spec.display, _run_certify(oracle, x, y, spec, eps, suite, budget, should_stop,
@@ -241,7 +256,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
         if on_survivors:
             idx = np.flatnonzero(worst[eps])
         if len(idx):
-            res = run_attack(attack, x[idx], y[idx], rng, spec.display, eps,
+            res = run_attack(attack, x[idx], y[idx], rng.rows(idx), spec.display, eps,
                              target[idx] if target is not None else None)
             adv_pred = clean_pred.copy()
             adv_pred[idx] = res.pred
@@ -252,6 +267,8 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
             adv_pred, x_adv, q, g, wall = clean_pred.copy(), x.copy(), 0, 0, 0.0
         state["units"] += n - len(idx)  # cascade: examples skipped count as done
         met = attack_metrics(x, y, clean_pred, x_adv, adv_pred, target)
+        outcomes["results"].append({"adv_pred": adv_pred, "l2": l2_dissimilarity(x, x_adv), "target": target,
+                                    "attacked": idx, "queries": int(q), "gradients": int(g)})
         rmask = correct & (adv_pred == y)
         if spec.eps is None:
             worst[eps] = worst.get(eps, correct) & rmask
@@ -274,8 +291,9 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     head = next((w for w in worst_case if abs(w["eps"] - headline_eps) < 1e-9), None)
     headline = {"eps": headline_eps, "robust_accuracy": head["robust_accuracy"] if head else None}
 
-    check_results = _run_checks(oracle, x[:m_checks], y[:m_checks], suite, results, seed, grads_ok,
-                                run_attack) if cfg.enabled else []
+    check_results = _run_checks(oracle, x[chk], y[chk], suite, results, seed, grads_ok,
+                                run_attack, gids[chk], outcomes["checks"]) if cfg.enabled else []
+    outcomes["check_rows"] = chk
     certified = None
     if any(is_evaluator(s.attack) for s in suite.attacks):
         manifest = getattr(oracle, "manifest", None)
@@ -293,10 +311,10 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
                 "wall_s": time.perf_counter() - t0},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         class_names=list(class_names) if class_names is not None else None,
-        seeds={"audit": int(seed), "jobs": "numpy.random.default_rng([seed, job_index])",
-               "checks": "numpy.random.default_rng([seed, 1000 + k])"},
+        seeds={"audit": int(seed), "jobs": "numpy.random.default_rng([seed, job_index, example_index])",
+               "checks": "numpy.random.default_rng([seed, 1000 + k, example_index])"},
         x_samples=x[:k_img].copy(), y_samples=y[:k_img].copy(), clean_pred_samples=clean_pred[:k_img].copy(),
-        samples=samples, certified=certified,
+        samples=samples, certified=certified, outcomes=outcomes,
     )
     return report
 
@@ -323,33 +341,59 @@ def _run_certify(oracle, x, y, spec: AttackSpec, eps: float, suite: Suite, budge
     return res
 
 
-def _run_checks(oracle, x, y, suite: Suite, rows, seed, grads_ok, run_attack) -> list[C.CheckResult]:
+def _run_checks(oracle, x, y, suite: Suite, rows, seed, grads_ok, run_attack, ids=None,
+                record: dict | None = None) -> list[C.CheckResult]:
+    """The extra check runs on ``x`` (global indices ``ids``), then ``checks_from_predictions``.
+
+    ``record`` receives each run's per-example predictions (keys as in ``checks_from_predictions``).
+    """
     cfg = suite.checks
-    tol = cfg.tolerance
     m = len(x)
-    out = [C.check_iterative_vs_single_step(rows, tol), C.check_score_only_vs_white_box(rows, tol),
-           C.check_monotone_in_eps(rows, tol)]
+    ids = np.arange(m) if ids is None else ids
     bs = suite.batch_size
+    preds: dict[str, np.ndarray] = {}
 
-    def acc(res) -> float:
-        return float(np.mean(res.pred == y))
+    def rng(k: int) -> ExampleRNG:
+        return ExampleRNG.for_examples([seed, k], ids)
 
-    large = base = more = None
-    what = f"{cfg.steps}×1 → {cfg.steps * cfg.more_steps_factor}×{cfg.more_restarts} steps×restarts"
     if grads_ok and m:
         a = build("pgd", eps=cfg.large_eps, steps=cfg.steps, batch_size=bs)
-        large = acc(run_attack(a, x, y, np.random.default_rng([seed, 1000]), "check:large-eps", cfg.large_eps))
+        preds["large_eps"] = run_attack(a, x, y, rng(1000), "check:large-eps", cfg.large_eps).pred
         e = suite.headline
         a = build("pgd", eps=e, steps=cfg.steps, batch_size=bs)
-        base = (acc(run_attack(a, x, y, np.random.default_rng([seed, 1001]), "check:pgd", e)), m)
+        preds["pgd"] = run_attack(a, x, y, rng(1001), "check:pgd", e).pred
         a = build("pgd", eps=e, steps=cfg.steps * cfg.more_steps_factor, restarts=cfg.more_restarts, batch_size=bs)
-        more = (acc(run_attack(a, x, y, np.random.default_rng([seed, 1002]), "check:pgd-more", e)), m)
-    out.append(C.check_large_eps(cfg.large_eps if large is not None else None, large, cfg.large_eps_max_accuracy))
-    noise = {}
+        preds["pgd_more"] = run_attack(a, x, y, rng(1002), "check:pgd-more", e).pred
     if not any(s.attack == "noise" and s.eps is None for s in suite.attacks) and m:
         for k, e in enumerate(suite.eps):
             a = build("noise", eps=e, batch_size=bs)
-            noise[float(e)] = (acc(run_attack(a, x, y, np.random.default_rng([seed, 1100 + k]), "check:noise", e)), m)
+            preds[f"noise:{k}"] = run_attack(a, x, y, rng(1100 + k), "check:noise", e).pred
+    if record is not None:
+        record.update(preds)
+    return checks_from_predictions(suite, rows, y, preds)
+
+
+def checks_from_predictions(suite: Suite, rows, y: np.ndarray, preds: Mapping[str, np.ndarray]
+                            ) -> list[C.CheckResult]:
+    """The masking checks from report rows and the check runs' per-example predictions on the check
+    subset (labels ``y``): keys ``large_eps``, ``pgd``, ``pgd_more`` (absent without gradients) and
+    ``noise:<k>`` (k = index in ``suite.eps``; absent when the suite has its own noise entry).
+    Pure, so ``robustness.shard`` recomputes a sharded run's checks exactly."""
+    cfg = suite.checks
+    tol = cfg.tolerance
+    m = len(y)
+    out = [C.check_iterative_vs_single_step(rows, tol), C.check_score_only_vs_white_box(rows, tol),
+           C.check_monotone_in_eps(rows, tol)]
+
+    def acc(key: str) -> float:
+        return float(np.mean(np.asarray(preds[key]) == y))
+
+    what = f"{cfg.steps}×1 → {cfg.steps * cfg.more_steps_factor}×{cfg.more_restarts} steps×restarts"
+    large = acc("large_eps") if "large_eps" in preds else None
+    base = (acc("pgd"), m) if "pgd" in preds else None
+    more = (acc("pgd_more"), m) if "pgd_more" in preds else None
+    out.append(C.check_large_eps(cfg.large_eps if large is not None else None, large, cfg.large_eps_max_accuracy))
+    noise = {float(e): (acc(f"noise:{k}"), m) for k, e in enumerate(suite.eps) if f"noise:{k}" in preds}
     out.append(C.check_noise_vs_attacks(rows, noise, tol))
     out.append(C.check_more_steps(suite.headline if base else None, base, more, tol, what))
     return out

@@ -62,9 +62,14 @@ def l2_dissimilarity(x: np.ndarray, x_adv: np.ndarray) -> np.ndarray:
 
 
 def attack_metrics(x, y, clean_pred, x_adv, adv_pred, target=None) -> AttackMetrics:
+    return metrics_from_outcomes(y, clean_pred, adv_pred, l2_dissimilarity(x, x_adv), target)
+
+
+def metrics_from_outcomes(y, clean_pred, adv_pred, l2, target=None) -> AttackMetrics:
+    """``attack_metrics`` from per-example outcomes (``l2``: per-example dissimilarity), e.g. merged shards."""
     y = np.asarray(y)
     correct = np.asarray(clean_pred) == y
-    l2 = l2_dissimilarity(x, x_adv)
+    l2 = np.asarray(l2, np.float64)
     return AttackMetrics(
         n=len(y),
         clean_accuracy=accuracy(clean_pred, y),

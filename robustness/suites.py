@@ -36,7 +36,12 @@ from robustness import certify as _certify
 from robustness.attacks import REGISTRY, AttackError, build
 
 #: Every name a suite entry may use: the attacks plus non-attack evaluators (``certify``).
-KNOWN = {**REGISTRY, **_certify.EVALUATORS}
+
+
+def known() -> dict[str, object]:
+    """Every name a suite may use: the attack registry (read live, so ``register`` works) and
+    the evaluators such as ``certify``."""
+    return {**REGISTRY, **_certify.EVALUATORS}
 
 
 def is_evaluator(name: str) -> bool:
@@ -110,8 +115,9 @@ class Suite:
         if not self.eps:
             raise SuiteError(f"suite {self.name!r}: eps list is empty")
         for spec in self.attacks:
-            if spec.attack not in KNOWN:
-                raise SuiteError(f"suite {self.name!r}: unknown attack {spec.attack!r}; known: {sorted(KNOWN)}")
+            names = known()
+            if spec.attack not in names:
+                raise SuiteError(f"suite {self.name!r}: unknown attack {spec.attack!r}; known: {sorted(names)}")
         labels = [s.display for s in self.attacks]
         if len(set(labels)) != len(labels):
             raise SuiteError(f"suite {self.name!r}: attack labels must be unique, got {labels}")

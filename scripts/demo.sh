@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Scaled-down runs (the end-to-end test): DEMO_OUT, DEMO_DATASET, DEMO_LIMIT_TRAIN,
+# DEMO_AUDIT_LIMIT, DEMO_TRAIN_ARGS, DEMO_THREADS.
 # make demo: train two small Fashion-MNIST models (undefended + polarizing front end), export them
 # as model packages, serve them, classify a few test images, audit both through the server and
 # print the headline robustness table. Re-running reuses trained runs and packages.
@@ -16,7 +18,10 @@ step() { printf '\n==> %s\n' "$*"; }
 mkdir -p "$OUT"
 
 step "Data"
-if bash scripts/install_data.sh; then
+if [ -n "${DEMO_DATASET:-}" ]; then
+  DATASET=$DEMO_DATASET
+  echo "dataset: $DATASET (DEMO_DATASET)"
+elif bash scripts/install_data.sh; then
   DATASET=fmnist
 else
   DATASET=mnist5k
@@ -43,9 +48,11 @@ export_pkg() {  # export NAME: reuse an exported package
 }
 
 step "Train: undefended baseline (2 epochs on $LIMIT_TRAIN images)"
-train baseline --arch pfe_cnn --defense none --epochs 2
+# shellcheck disable=SC2086  # word-splitting of the extra-argument variables is intended
+train baseline --arch pfe_cnn --defense none --epochs 2 ${DEMO_TRAIN_ARGS:-}
 step "Train: polarizing front end (stages B1 -> B2 -> saturation, 1 epoch each)"
-train polarizing --arch pfe_cnn --defense pfe --pfe-stages 1,1,1
+# shellcheck disable=SC2086
+train polarizing --arch pfe_cnn --defense pfe --pfe-stages 1,1,1 ${DEMO_TRAIN_ARGS:-}
 
 step "Export model packages (model.onnx + gradient twin + manifest)"
 export_pkg baseline

@@ -31,6 +31,20 @@ REGISTRY: dict[str, type[Attack]] = {
 }
 
 
+def register(cls: type[Attack]) -> type[Attack]:
+    """Add an attack class to the registry under ``cls.name`` (usable as a class decorator).
+
+    Registered attacks are usable by name in suites, ``dcs evaluate`` and server audits, and are
+    covered by the registry-wide tests. A name already taken raises AttackError.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise AttackError(f"register() takes an Attack subclass, got {cls!r}")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise AttackError(f"attack name {cls.name!r} is already registered")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
 def get(name: str) -> type[Attack]:
     try:
         return REGISTRY[name]
@@ -57,6 +71,7 @@ __all__ = [
     "FGSM",
     "PGD",
     "REGISTRY",
+    "register",
     "RP2",
     "Attack",
     "AttackError",

@@ -25,6 +25,9 @@ clean_accuracy, headline, results, worst_case, checks, totals, certified``.
   within ε of ±c; else null), ``activations``, ``mean_margin_lower``, ``certified_mask``
   (per-example 0/1), ``queries``, ``wall_s``. Certification never enters ``results``,
   ``worst_case`` or ``headline``.
+* ``shard`` (only in shard reports, ``dcs evaluate --shard i/n``; see ``robustness.shard``):
+  ``index``, ``count``, ``n_total``, ``dataset``, ``example_indices`` and the per-example
+  ``outcomes`` that ``dcs merge`` combines into the unsharded report.
 Everything except ``created_at`` and the ``wall_s`` fields is identical for a fixed seed.
 """
 from __future__ import annotations
@@ -60,6 +63,10 @@ class Report:
     samples: dict[tuple[str, float], dict[str, np.ndarray]] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
     certified: dict[str, Any] | None = None
+    # Not serialised: per-example outcomes from ``audit`` (what ``robustness.shard`` keeps).
+    outcomes: dict[str, Any] | None = None
+    # Serialised only when set: a shard report's ``shard`` section (``dcs evaluate --shard``).
+    shard: dict[str, Any] | None = None
 
     def result(self, label: str, eps: float) -> dict[str, Any] | None:
         for r in self.results:
@@ -75,7 +82,7 @@ class Report:
             "clean_accuracy": self.clean_accuracy, "headline": self.headline,
             "results": self.results, "worst_case": self.worst_case, "checks": self.checks,
             "totals": self.totals, "certified": self.certified,
-        }
+        } | ({"shard": self.shard} if self.shard is not None else {})
 
 
 def strip_nondeterministic(d: Any) -> Any:

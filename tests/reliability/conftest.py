@@ -157,11 +157,28 @@ def assert_no_token(logs: str) -> None:
     assert TOKEN not in logs, "the audit token appears in the server log"
 
 
-def can_private_mount() -> bool:
-    """Root with ``unshare``: a server child may get its own tmpfs (no trace left behind)."""
-    import shutil as _sh
+_CAN_MOUNT: list[bool] = []
 
-    return hasattr(os, "geteuid") and os.geteuid() == 0 and _sh.which("unshare") is not None
+
+def can_private_mount() -> bool:
+    """Root with ``unshare`` and mount rights: a server child may get its own tmpfs (in its own
+    mount namespace, so no trace is left behind). Probed once by mounting one."""
+    import shutil as _sh
+    import subprocess as sp
+    import tempfile
+
+    if not _CAN_MOUNT:
+        ok = hasattr(os, "geteuid") and os.geteuid() == 0 and _sh.which("unshare") is not None
+        if ok:
+            with tempfile.TemporaryDirectory() as d:
+                try:
+                    ok = sp.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                 f'mount -t tmpfs -o size=64k dcs-probe "{d}"'],
+                                capture_output=True, timeout=20).returncode == 0
+                except (OSError, sp.SubprocessError):
+                    ok = False
+        _CAN_MOUNT.append(ok)
+    return _CAN_MOUNT[0]
 
 
 def start_proc_with_tmpfs(repo: Path, state_dir: Path, *flags: str, tmp: Path, size_kib: int = 1024,

@@ -3,11 +3,17 @@
     dcs evaluate PACKAGE_DIR [PACKAGE_DIR ...] --dataset NAME [--data-dir D]
         [--suite quick|standard|paper|FILE] [--eps 0.1,0.2] [--limit N] [--seed S]
         [--out DIR] [--into-package] [--batch-size B] [--transfer-from PACKAGE_DIR]
-        [--no-progress]
+        [--no-progress] [--shard I/N]
 
 Arguments, packages, output folders and the dataset are all checked before any attack runs.
 With one package the report goes to ``--out``; with several, to ``--out/<name>-v<version>``.
 Torch-free: it runs the ONNX package through ONNX Runtime.
+
+``--shard I/N`` attacks only shard I (0 <= I < N) of the (limited) test set of N_ex examples: the
+contiguous global indices [floor(I*N_ex/N), floor((I+1)*N_ex/N)). Every example's random numbers
+depend only on (seed, job, global index), so each example gets exactly the numbers the unsharded
+run gives it; the shard report adds a ``shard`` section with the per-example outcomes, and
+``dcs merge`` combines the N shard reports into the unsharded report (``robustness.shard``).
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--into-package", action="store_true", help="also write report.json/html into each package")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="attack only shard I of N (0 <= I < N): a contiguous slice of the test set; "
+                        "combine the N shard reports with dcs merge")
     p.set_defaults(run=run)
 
 
@@ -94,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from training.cli import CLIError
 
     # 1. arguments and suite
+    shard = _parse_shard(args)
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit {args.limit}: expected a positive integer")
     if args.batch_size is not None and args.batch_size < 1:
@@ -104,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
                               max_examples=args.limit, batch_size=args.batch_size)
     except SuiteError as exc:
         raise CLIError(f"--suite {args.suite!r}: {exc}") from None
+    if shard is not None:
+        from robustness.suites import is_evaluator
+
+        if any(is_evaluator(s.attack) for s in suite.attacks):
+            raise CLIError(f"--shard: suite {suite.name!r} includes certify, which sharded evaluation does not support")
     sources = {}
     for d in args.transfer_from:
         try:
@@ -143,10 +160,23 @@ def run(args: argparse.Namespace) -> int:
                            f"has examples of shape {list(x.shape[1:])}")
         if int(y.max()) >= pkg.num_classes:
             raise CLIError(f"{pkg.path}: {pkg.num_classes} classes but dataset labels reach {int(y.max())}")
+    ids = None
+    if shard is not None:
+        from robustness.shard import ShardError, shard_range
+
+        try:
+            lo, hi = shard_range(shard[0], shard[1], len(x))
+        except ShardError as exc:
+            raise CLIError(str(exc)) from None
+        n_total, x, y, ids = len(x), x[lo:hi], y[lo:hi], np.arange(lo, hi)
     # 5. the expensive part
     reports = []
     for pkg, dirs in zip(packages, targets):
-        rep = _evaluate_one(pkg, x, y, names, suite, args, sources)
+        rep = _evaluate_one(pkg, x, y, names, suite, args, sources, ids)
+        if shard is not None:
+            from robustness.shard import shard_section
+
+            rep.shard = shard_section(rep, shard[0], shard[1], n_total, args.dataset)
         reports.append(rep.to_dict())
         written = []
         from robustness.report import write_report
@@ -162,7 +192,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_one(pkg, x, y, names, suite, args, sources):
+def _parse_shard(args) -> tuple[int, int] | None:
+    from robustness.shard import ShardError, parse_shard
+    from training.cli import CLIError
+
+    if args.shard is None:
+        return None
+    try:
+        shard = parse_shard(args.shard)
+    except ShardError as exc:
+        raise CLIError(str(exc)) from None
+    if args.into_package:
+        raise CLIError("--into-package: a shard report covers part of the test set; merge the shards "
+                       "(dcs merge) instead")
+    return shard
+
+
+def _evaluate_one(pkg, x, y, names, suite, args, sources, ids=None):
     from robustness.audit import AuditError, audit
     from training.cli import CLIError
 
@@ -183,7 +229,7 @@ def _evaluate_one(pkg, x, y, names, suite, args, sources):
 
     try:
         return audit(pkg, x, y, suite, seed=args.seed, progress=on_progress, package_info=pkg.describe(),
-                     class_names=names, sources=sources)
+                     class_names=names, sources=sources, example_ids=ids)
     except AuditError as exc:
         raise CLIError(f"{pkg.path}: {exc}") from None
     finally:
@@ -195,7 +241,11 @@ def _summary(rep, written) -> None:
     d = rep.to_dict()
     pkg = d["package"]
     head = d["headline"]
-    lines = [(f"{pkg.get('name')} v{pkg.get('version')} (sha256 {str(pkg.get('sha256', ''))[:12]}): "
+    sh = d.get("shard")
+    lines = [(f"{pkg.get('name')} v{pkg.get('version')} (sha256 {str(pkg.get('sha256', ''))[:12]})"
+              + ("" if sh is None else f", shard {sh['index']}/{sh['count']}: {d['n_examples']} of "
+                 f"{sh['n_total']} examples; checks below are for this shard only")
+              + ": "
               f"clean {100 * d['clean_accuracy']:.1f}%, worst-case robust "
               f"{100 * (head['robust_accuracy'] or 0):.1f}% at ε={head['eps']:g}")]
     cert = d.get("certified")
