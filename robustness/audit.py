@@ -294,6 +294,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     check_results = _run_checks(oracle, x[chk], y[chk], suite, results, seed, grads_ok,
                                 run_attack, gids[chk], outcomes["checks"]) if cfg.enabled else []
     outcomes["check_rows"] = chk
+    outcomes["certify"] = certs
     certified = None
     if any(is_evaluator(s.attack) for s in suite.attacks):
         manifest = getattr(oracle, "manifest", None)

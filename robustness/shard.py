@@ -21,8 +21,13 @@ merged report equals the unsharded one (``strip_nondeterministic``; only ``creat
 ``wall_s`` differ; ``wall_s`` is the sum over shards). The check lines printed in a shard report
 are about that shard alone.
 
-Not supported: suites with ``certify`` (its section is not merged yet; ``--shard`` refuses them),
-and the HTML's example images/spectra in a merged report (shards keep no adversarial images).
+Certify (``robustness.certify``): each shard certifies its examples and records per ε the
+per-example certified flags and margin lower bounds and its unstable-activation count;
+``merge_shards`` rebuilds the ``certified`` section with ``certify.section`` and re-runs the
+``certified_le_empirical`` check on the merged data.
+
+Not reproduced: the HTML's example images/spectra in a merged report (shards keep no
+adversarial images, so the merged report.html has tables and accuracy plots only).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from robustness import checks as C
 from robustness.metrics import metrics_from_outcomes
 from robustness.report.schema import Report
 
@@ -83,8 +89,18 @@ def shard_section(report: Report, index: int, count: int, n_total: int, dataset:
                         for r in o["results"]],
             "checks": {"example_indices": _ints(np.asarray(o["example_ids"])[chk]),
                        "preds": {k: _ints(v) for k, v in o["checks"].items()}},
+            "certify": [_certify_outcome(label, r) for label, r in o.get("certify", [])],
         },
     }
+
+
+def _certify_outcome(label: str, r) -> dict[str, Any]:
+    frac, act = r.unstable_fraction, int(r.activations)
+    return {"label": label, "eps": float(r.eps), "status": r.status, "reason": r.reason,
+            "certified": _ints(r.certified), "margin_lower": [float(v) for v in r.margin_lower],
+            "unstable": None if frac is None else round(frac * act), "activations": act,
+            "threshold": r.threshold, "threshold_source": r.threshold_source,
+            "queries": int(r.queries), "wall_s": float(r.wall_s)}
 
 
 def _same(docs: Sequence[tuple[str, Mapping]], what: str, get) -> None:
@@ -105,8 +121,6 @@ def merge_shards(docs: Sequence[tuple[str, Mapping]]) -> Report:
     for path, d in docs:
         if not isinstance(d.get("shard"), Mapping):
             raise ShardError(f"{path}: not a shard report (no 'shard' section; write it with dcs evaluate --shard)")
-        if d.get("certified") is not None:
-            raise ShardError(f"{path}: suite includes certify, which merge does not support")
     _same(docs, "package sha256", lambda d: (d["package"].get("sha256"), d["package"].get("grad_sha256")))
     _same(docs, "package name/version", lambda d: (d["package"].get("name"), d["package"].get("version")))
     _same(docs, "suites", lambda d: d["suite"])
@@ -149,7 +163,9 @@ def merge_shards(docs: Sequence[tuple[str, Mapping]]) -> Report:
             out[np.asarray(d["shard"]["example_indices"], np.int64)] = np.asarray(get(d), dtype)
         return out
 
-    oc = lambda d: d["shard"]["outcomes"]  # noqa: E731
+    def oc(d: Mapping) -> Mapping:
+        return d["shard"]["outcomes"]
+
     y = gather(lambda d: oc(d)["y"], np.int64)
     clean_pred = gather(lambda d: oc(d)["clean_pred"], np.int64)
     correct = clean_pred == y
@@ -158,11 +174,11 @@ def merge_shards(docs: Sequence[tuple[str, Mapping]]) -> Report:
     results = []
     for j, row0 in enumerate(first["results"]):
         eps = float(row0["eps"])
-        adv_pred = gather(lambda d: oc(d)["results"][j]["adv_pred"], np.int64)
-        l2 = gather(lambda d: oc(d)["results"][j]["l2"], np.float64)
+        adv_pred = gather(lambda d, j=j: oc(d)["results"][j]["adv_pred"], np.int64)
+        l2 = gather(lambda d, j=j: oc(d)["results"][j]["l2"], np.float64)
         target = None
         if oc(first)["results"][j]["target"] is not None:
-            target = gather(lambda d: oc(d)["results"][j]["target"], np.int64)
+            target = gather(lambda d, j=j: oc(d)["results"][j]["target"], np.int64)
         met = metrics_from_outcomes(y, clean_pred, adv_pred, l2, target)
         rmask = correct & (adv_pred == y)
         if not row0["fixed_eps"]:
@@ -197,6 +213,10 @@ def merge_shards(docs: Sequence[tuple[str, Mapping]]) -> Report:
         if incomplete:
             raise ShardError(f"check runs {incomplete} are missing from some shards")
         checks = [c.to_dict() for c in checks_from_predictions(suite, results, y[chk_ids], preds)]
+    certified = None
+    if first.get("certified") is not None:
+        certified = _merge_certified(docs, gather, worst_case, results)
+        checks.append(C.check_certified_le_empirical(certified, results, worst_case).to_dict())
     totals = {k: int(sum(d["totals"][k] for _, d in docs)) for k in ("gradients", "queries")}
     totals["wall_s"] = float(sum(d["totals"]["wall_s"] for _, d in docs))
     return Report(
@@ -204,5 +224,33 @@ def merge_shards(docs: Sequence[tuple[str, Mapping]]) -> Report:
         clean_accuracy=float(correct.mean()), results=results, worst_case=worst_case, headline=headline,
         checks=checks, totals=totals, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         class_names=first.get("class_names"), seeds=dict(first.get("seeds") or {}),
-        schema_version=first.get("schema_version"), certified=None,
+        schema_version=first.get("schema_version"), certified=certified,
     )
+
+
+def _merge_certified(docs, gather, worst_case, results) -> dict[str, Any]:
+    """The ``certified`` section from the shards' per-example certify outcomes (``certify.section``)."""
+    from robustness import certify as CE
+
+    first = docs[0][1]
+    certs = []
+    for j, c0 in enumerate(first["shard"]["outcomes"]["certify"]):
+        parts = [d["shard"]["outcomes"]["certify"][j] for _, d in docs]
+        status = {p["status"] for p in parts}
+        if len(status) > 1:
+            raise ShardError(f"certify at ε={c0['eps']:g} ran on some shards and was skipped on others")
+        if status != {"ok"}:
+            certs.append((c0["label"], CE.CertifyResult(eps=c0["eps"], status=c0["status"], reason=c0["reason"])))
+            continue
+        act = sum(p["activations"] for p in parts)
+        unstable = sum(p["unstable"] or 0 for p in parts)
+        with_c = next((p for p in parts if p["threshold"] is not None), None)
+        certs.append((c0["label"], CE.CertifyResult(
+            eps=c0["eps"], status="ok",
+            certified=gather(lambda d, j=j: d["shard"]["outcomes"]["certify"][j]["certified"], bool),
+            margin_lower=gather(lambda d, j=j: d["shard"]["outcomes"]["certify"][j]["margin_lower"], np.float64),
+            unstable_fraction=unstable / act if act else None, activations=act,
+            threshold=with_c["threshold"] if act and with_c else None,
+            threshold_source=with_c["threshold_source"] if act and with_c else None,
+            queries=sum(p["queries"] for p in parts), wall_s=sum(p["wall_s"] for p in parts))))
+    return CE.section(certs, worst_case, results, first["certified"].get("method"))

@@ -198,6 +198,10 @@ class Server:
         await self.health.enter_graceful_shutdown()
         if self._poll_task is not None:
             self._poll_task.cancel()
+        # Drain notice: for a moment new RPCs still reach the handlers and get UNAVAILABLE
+        # ("shutting down") while clients and balancers see NOT_SERVING, before gRPC stops
+        # taking calls (a call that arrives just as it stops is CANCELLED, grpc/grpc#41785).
+        await asyncio.sleep(min(DRAIN_NOTICE_S, grace))
         # Audits stop alongside the drain: running jobs are checkpointed as interrupted, which
         # also ends their WatchAudit streams so they do not hold the drain for the whole grace.
         stops = [srv.stop(grace) for srv in self._grpc]
@@ -215,6 +219,9 @@ class Server:
     async def wait(self) -> None:
         await self._stopped.wait()
 
+
+#: Seconds between health NOT_SERVING on SIGTERM and gRPC refusing new calls (see ``stop``).
+DRAIN_NOTICE_S = 0.5
 
 #: GIL switch interval for the server process. Audits run Python attack loops in worker threads;
 #: the default 5 ms interval lets them hold the GIL long enough to double classify latency.

@@ -30,8 +30,9 @@ class DataPlane:
     def __init__(self, repository: ModelRepository, *, max_batch: int) -> None:
         self.repository = repository
         self.max_batch = max_batch
-        #: Set on SIGTERM: readiness turns false; RPCs already accepted still complete (gRPC
-        #: itself refuses new ones during the drain).
+        #: Set on SIGTERM: readiness turns false; RPCs already accepted still complete and new
+        #: ones get UNAVAILABLE from ``get_model`` (gRPC core alone answers a call that arrives
+        #: as its transport stops with CANCELLED, grpc/grpc#41785).
         self.draining = False
 
     # readiness --------------------------------------------------------------------------------
@@ -53,6 +54,8 @@ class DataPlane:
     def get_model(self, name: str, version: int = 0) -> Served:
         """The serving package of ``name``; ``version`` 0 means whichever is serving."""
         current_model.set(name if self.repository.get(name) is not None else "")
+        if self.draining:
+            raise NotReady("server is shutting down; retry on another replica")
         if not self.repository.scanned_once:
             raise NotReady("server is still loading its model repository; retry shortly")
         if not name:

@@ -42,8 +42,6 @@ TARGETS = {
 }
 SERVING = [t for t in TARGETS if not t.startswith("jobs-")]
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-# Flags owned by issue 14 (sharded evaluation), not in the `dcs` CLI yet: xfail until they land.
-PENDING_DCS = {("evaluate", "--shard"), ("merge", "--out")}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -349,16 +347,11 @@ def _dcs_calls(docs: list[dict]) -> list[tuple[str, list[str]]]:
 def test_job_commands_use_existing_dcs_flags(rendered, target, dcs_flags):
     calls = _dcs_calls(rendered[target])
     assert calls
-    pending = []
     for sub, flags in calls:
+        known = dcs_flags[sub]
+        assert known is not None, f"`dcs {sub}` does not exist"
         for flag in flags:
-            known = dcs_flags[sub]
-            if known is not None and flag in known:
-                continue
-            assert (sub, flag) in PENDING_DCS, f"`dcs {sub}` has no {flag}"
-            pending.append(f"dcs {sub} {flag}")
-    if pending:
-        pytest.xfail(f"waiting for issue 14: {sorted(set(pending))}")
+            assert flag in known, f"`dcs {sub}` has no {flag}"
 
 
 # ----------------------------------------------------------------------------- resources

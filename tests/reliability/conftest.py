@@ -174,7 +174,7 @@ def can_private_mount() -> bool:
                 try:
                     ok = sp.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                                  f'mount -t tmpfs -o size=64k dcs-probe "{d}"'],
-                                capture_output=True, timeout=20).returncode == 0
+                                check=False, capture_output=True, timeout=20).returncode == 0
                 except (OSError, sp.SubprocessError):
                     ok = False
         _CAN_MOUNT.append(ok)

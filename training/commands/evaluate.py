@@ -116,11 +116,6 @@ def run(args: argparse.Namespace) -> int:
                               max_examples=args.limit, batch_size=args.batch_size)
     except SuiteError as exc:
         raise CLIError(f"--suite {args.suite!r}: {exc}") from None
-    if shard is not None:
-        from robustness.suites import is_evaluator
-
-        if any(is_evaluator(s.attack) for s in suite.attacks):
-            raise CLIError(f"--shard: suite {suite.name!r} includes certify, which sharded evaluation does not support")
     sources = {}
     for d in args.transfer_from:
         try:

@@ -17,6 +17,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--version", type=int, default=None, help="version number (default: next free)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace an existing version")
+    p.add_argument("--twin-gradient", choices=("bpda", "exact"), default="bpda",
+                   help="saturation backward in model.grad.onnx: bpda (straight-through, default) or exact "
+                        "(true zero gradient: a masked twin for 'without BPDA' evaluations)")
     p.set_defaults(run=run)
 
 
@@ -30,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.run_dir}: not a directory")
     try:
         result = export_run(args.run_dir, args.repo, args.name, version=args.version,
-                            opset=args.opset, force=args.force)
+                            opset=args.opset, force=args.force,
+                            twin_gradient=args.twin_gradient)
     except ExportError as exc:
         raise CLIError(str(exc)) from None
     sizes = ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in result.sizes.items())

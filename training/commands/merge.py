@@ -45,8 +45,8 @@ def _load(arg: str) -> tuple[str, dict]:
 def run(args: argparse.Namespace) -> int:
     from robustness.report import write_report
     from robustness.shard import ShardError, merge_shards
-    from training.commands.evaluate import _check_writable, _summary
     from training.cli import CLIError
+    from training.commands.evaluate import _check_writable, _summary
 
     out = Path(args.out)
     docs = [_load(a) for a in args.shards]

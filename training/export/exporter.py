@@ -47,8 +47,12 @@ def architecture_record(config: dict[str, Any], model: Any) -> dict[str, Any]:
 
 
 def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | None = None,
-               opset: int = DEFAULT_OPSET, force: bool = False) -> ExportResult:
+               opset: int = DEFAULT_OPSET, force: bool = False, twin_gradient: str = "bpda") -> ExportResult:
     """Load ``run_dir`` with ``training.runs.load_trained`` and write its package.
+
+    ``twin_gradient``: "bpda" (default: straight-through saturation in the gradient twin) or
+    "exact" (the saturation's true zero gradient, for a "without BPDA" evaluation; see
+    ``write_package``).
 
     Argument errors (bad name, version taken) are raised before the run is loaded.
     """
@@ -65,4 +69,4 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
         dataset=str(run.dataset), defense=dict(run.defense),
         architecture=architecture_record(run.config, run.model),
         training=training_summary(run_dir, run.config), opset=opset)
-    return write_package(run.model, repo, spec, version=version, force=force)
+    return write_package(run.model, repo, spec, version=version, force=force, twin_gradient=twin_gradient)

@@ -27,7 +27,7 @@ from training.export.bounds import IntervalModel, UnsupportedBounds
 from training.export.onnx_export import (
     DEFAULT_OPSET, export_bounds_onnx, export_model_onnx, export_probe_onnx, export_twin_onnx, exporter_versions,
 )
-from training.export.twin import bpda
+from training.export.twin import bpda, saturation_modules
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,18 @@ def resolve_version(repo: Path, name: str, version: int | None, force: bool) -> 
     return int(version)
 
 
-def gradient_entry(bpda_layers: Sequence[str]) -> dict[str, Any]:
+TWIN_GRADIENTS = ("bpda", "exact")
+
+
+def gradient_entry(bpda_layers: Sequence[str], masked_layers: Sequence[str] = ()) -> dict[str, Any]:
+    """The manifest's ``gradient`` record. ``masked_layers``: saturations traced with their true
+    backward (``twin_gradient="exact"``): zero almost everywhere, so the twin's gradient is masked."""
+    if masked_layers:
+        note = ("exact autograd gradient of the summed cross-entropy, INCLUDING the true (zero almost "
+                "everywhere) derivative of the saturation layers listed: the gradient is masked. This "
+                "twin shows what a naive gradient attack sees ('without BPDA'); do not use it to claim "
+                "robustness")
+        return {"kind": "exact", "bpda_layers": [], "masked_layers": list(masked_layers), "note": note}
     if bpda_layers:
         note = ("gradient of the summed cross-entropy; the saturation layers listed use a "
                 "straight-through (identity) backward (BPDA), their forward is unchanged")
@@ -94,11 +105,13 @@ def gradient_entry(bpda_layers: Sequence[str]) -> dict[str, Any]:
 
 
 def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
-           bounds: bool | None = None) -> dict[str, Any]:
+           bounds: bool | None = None, twin_gradient: str = "bpda") -> dict[str, Any]:
     """Export all graphs into ``out`` and write the sealed manifest; returns the manifest."""
     shape = [int(d) for d in spec.input_shape]
     export_model_onnx(model, shape, out / MODEL_FILE, spec.opset)
-    with bpda(model) as layers:
+    straight = twin_gradient == "bpda"
+    with bpda(model, enabled=straight) as layers:
+        masked = [] if straight else [name for name, _ in saturation_modules(model)]
         export_twin_onnx(model, shape, out / GRAD_FILE, spec.opset)
     files = [MODEL_FILE, GRAD_FILE]
     bounds_entry: dict[str, Any] | None = None
@@ -129,7 +142,7 @@ def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
         "defense": dict(spec.defense),
         "architecture": dict(spec.architecture),
         "training": dict(spec.training),
-        "gradient": gradient_entry(layers),
+        "gradient": gradient_entry(layers, masked),
         "loss": {"kind": "cross_entropy", "reduction": "sum", "per_example": True},
         "opset": int(spec.opset),
         "exporter": exporter_versions(),
@@ -145,12 +158,18 @@ def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
 
 
 def write_package(model: nn.Module, repo: str | Path, spec: PackageSpec, version: int | None = None,
-                  force: bool = False, bounds: bool | None = None) -> ExportResult:
+                  force: bool = False, bounds: bool | None = None, twin_gradient: str = "bpda") -> ExportResult:
     """Export ``model`` as ``<repo>/<spec.name>/<version>`` (next free version by default).
+
+    ``twin_gradient``: "bpda" (default) traces the saturation layers with their straight-through
+    backward; "exact" keeps their true, zero-almost-everywhere derivative, a deliberately masked
+    twin for the "without BPDA" evaluation (the manifest lists them under ``masked_layers``).
 
     ``bounds``: True requires ``model.bounds.onnx``, False skips it, None (default) writes it
     when every layer has an interval rule and logs a warning otherwise.
     """
+    if twin_gradient not in TWIN_GRADIENTS:
+        raise ExportError(f"twin_gradient must be one of {', '.join(TWIN_GRADIENTS)}, got {twin_gradient!r}")
     t0 = time.perf_counter()
     repo = Path(repo)
     version = resolve_version(repo, spec.name, version, force)
@@ -165,7 +184,7 @@ def write_package(model: nn.Module, repo: str | Path, spec: PackageSpec, version
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=base))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the server may run as another user
-        manifest = _build(model, spec, version, tmp, bounds)
+        manifest = _build(model, spec, version, tmp, bounds, twin_gradient)
         load_package(tmp, SessionOptions(device="cpu", intra_op_threads=1))  # refuse a bad pair early
         if target.exists():
             if not force:
@@ -187,5 +206,5 @@ def write_package(model: nn.Module, repo: str | Path, spec: PackageSpec, version
                         gradient=manifest["gradient"])
 
 
-__all__ = ["ExportError", "ExportResult", "PackageError", "PackageSpec", "resolve_version",
+__all__ = ["TWIN_GRADIENTS", "ExportError", "ExportResult", "PackageError", "PackageSpec", "resolve_version",
            "write_package"]
