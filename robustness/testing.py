@@ -74,18 +74,23 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, num_classes: int, hidden: int = 32, st
     flat = x.reshape(len(x), -1)
     onehot = np.eye(num_classes, dtype=np.float32)[y]
     for _ in range(steps):
-        pre = flat @ w.w1 + w.b1
-        h = np.maximum(pre, 0)
-        logits = h @ w.w2 + w.b2
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        dlog = (p - onehot) / len(x)
-        dh = (dlog @ w.w2.T) * (pre > 0)
-        w.w2 -= lr * h.T @ dlog
-        w.b2 -= lr * dlog.sum(0)
-        w.w1 -= lr * flat.T @ dh
-        w.b1 -= lr * dh.sum(0)
+        gd_step(w, flat, onehot, lr)
     return w
+
+
+def gd_step(w: MLPWeights, flat: np.ndarray, onehot: np.ndarray, lr: float) -> None:
+    """One in-place full-batch gradient step on mean cross-entropy (flat inputs [N, D])."""
+    pre = flat @ w.w1 + w.b1
+    h = np.maximum(pre, 0)
+    logits = h @ w.w2 + w.b2
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dlog = (p - onehot) / len(flat)
+    dh = (dlog @ w.w2.T) * (pre > 0)
+    w.w2 -= lr * h.T @ dlog
+    w.b2 -= lr * dlog.sum(0)
+    w.w1 -= lr * flat.T @ dh
+    w.b1 -= lr * dh.sum(0)
 
 
 def _graphs(w: MLPWeights, input_shape: Sequence[int]):

@@ -17,3 +17,10 @@ def digits_repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     digits_package(repo, name="digits-mlp", version=1)
     return repo
+
+
+def write_token_file(tmp_path_factory, token: str) -> Path:
+    """A file holding ``token`` (what ``--audit-token-file`` reads), in a fresh temp folder."""
+    path = tmp_path_factory.mktemp("token") / "token"
+    path.write_text(token + "\n")
+    return path

@@ -13,7 +13,7 @@ torchattacks = pytest.importorskip("torchattacks")
 
 from robustness.attacks import build
 from robustness.attacks.toy_oracles import ArrayOracle
-from robustness.testing import MLPWeights, fit_mlp, load_digits_nchw
+from robustness.testing import MLPWeights, fit_mlp, gd_step, load_digits_nchw
 
 
 def adv_train(x, y, eps=0.1, steps=300, lr=0.5, seed=0) -> MLPWeights:
@@ -24,18 +24,7 @@ def adv_train(x, y, eps=0.1, steps=300, lr=0.5, seed=0) -> MLPWeights:
         _, g = w.loss_grad(x, y)
         xa = np.clip(x + eps * np.sign(g), 0, 1)
         xb = np.concatenate([x, xa]).reshape(2 * len(x), -1)
-        oh = np.concatenate([onehot, onehot])
-        pre = xb @ w.w1 + w.b1
-        h = np.maximum(pre, 0)
-        lg = h @ w.w2 + w.b2
-        p = np.exp(lg - lg.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        dl = (p - oh) / len(xb)
-        dh = (dl @ w.w2.T) * (pre > 0)
-        w.w2 -= lr * h.T @ dl
-        w.b2 -= lr * dl.sum(0)
-        w.w1 -= lr * xb.T @ dh
-        w.b1 -= lr * dh.sum(0)
+        gd_step(w, xb, np.concatenate([onehot, onehot]), lr)
     return w
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import write_token_file
 from tests.server_helpers import start_server_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,9 +24,7 @@ pytestmark = pytest.mark.skipif(not DCSCTL.exists(), reason=f"{DCSCTL} is not in
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("token") / "token"
-    path.write_text(TOKEN + "\n")
-    return path
+    return write_token_file(tmp_path_factory, TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from clients.errors import (
     Unavailable,
 )
 from clients.results import AuditState, Prediction
+from tests.conftest import write_token_file
 from tests.server_helpers import HOST, free_port, sample_value, scrape_metrics, start_server_process
 
 MODEL = "digits-mlp"
@@ -43,9 +44,7 @@ def digits_test():
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("token") / "token"
-    path.write_text(TOKEN + "\n")
-    return path
+    return write_token_file(tmp_path_factory, TOKEN)
 
 
 @pytest.fixture(scope="module")

@@ -313,7 +313,7 @@ def _targeted(attack, oracle, x, y, targets, seed: int, job: int):
 def targeted_asr(y: np.ndarray, clean_pred: np.ndarray, per_target: dict, x: np.ndarray) -> dict:
     """BlurNet's numbers over target classes: ASR_t = among examples correctly classified with
     y != t, the fraction now classified as t; average and worst (max) over t; mean L2 dissimilarity
-    ‖x−x_adv‖₂/‖x_adv‖₂ over those examples."""
+    ‖x−x_adv‖₂/‖x_adv‖₂ over the successful examples (None when none succeeded)."""
     from robustness.metrics import l2_dissimilarity
 
     asr, l2s = {}, []
@@ -321,8 +321,10 @@ def targeted_asr(y: np.ndarray, clean_pred: np.ndarray, per_target: dict, x: np.
         ok = clean_pred[idx] == y[idx]
         if not ok.any():
             continue
+        hit = ok & (pred == t)
         asr[int(t)] = float(np.mean(pred[ok] == t))
-        l2s.append(l2_dissimilarity(x[idx][ok], x_adv[ok]))
+        if hit.any():
+            l2s.append(l2_dissimilarity(x[idx][hit], x_adv[hit]))
     vals = list(asr.values())
     return {"avg": float(np.mean(vals)) if vals else None, "worst": float(np.max(vals)) if vals else None,
             "per_target": asr, "l2": float(np.concatenate(l2s).mean()) if l2s else None}

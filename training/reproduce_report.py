@@ -29,6 +29,10 @@ def pct(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{100 * v:.{digits}f}"
 
 
+def _f3(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
 def _kind(row: dict) -> str:
     return row["train"]["defense"]
 
@@ -105,7 +109,7 @@ def write_tables(preset: dict, rows: list[dict], results: dict, out: Path) -> Pa
         lines += ["", "## Table B — BlurNet, white-box, Fashion-MNIST (LISA-CNN architecture)", "",
                   f"{tb['n_examples']} test examples; targeted attacks toward each target class "
                   f"{tb['targets']} on the examples of the other classes. ASR(t) = among those correctly "
-                  "classified, the fraction classified as t; avg and worst are over t. L2 = mean ‖x−x_adv‖₂/‖x_adv‖₂. "
+                  "classified, the fraction classified as t; avg and worst are over t. L2 = mean ‖x−x_adv‖₂/‖x_adv‖₂ over the successful examples. "
                   f"RP2: two-sticker mask, {tb['rp2']['steps']} Adam steps (lr {tb['rp2']['lr']}, λ {tb['rp2']['lam']}), "
                   f"{tb['rp2']['n_transforms']} random transform(s) per step, unbounded inside the mask. "
                   f"PGD: ℓ∞ ε={tb['eps_pgd']}, {tb['pgd']['steps']} steps.", "",
@@ -113,8 +117,8 @@ def write_tables(preset: dict, rows: list[dict], results: dict, out: Path) -> Pa
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in b:
             lines.append(f"| {r['label']} | {pct(r['train_test_acc'])} | {pct(r['clean'])} | {pct(r['rp2']['avg'])} | "
-                         f"{pct(r['rp2']['worst'])} | {r['rp2']['l2'] or 0:.3f} | {pct(r['pgd']['avg'])} | "
-                         f"{pct(r['pgd']['worst'])} | {r['pgd']['l2'] or 0:.3f} |")
+                         f"{pct(r['rp2']['worst'])} | {_f3(r['rp2']['l2'])} | {pct(r['pgd']['avg'])} | "
+                         f"{pct(r['pgd']['worst'])} | {_f3(r['pgd']['l2'])} |")
         lines += ["", "## Table C — black-box transfer from the baseline (attack success rate)", "",
                   "The baseline's targeted RP2 and PGD examples (Table B settings) scored on each row; the "
                   "baseline's own row is its white-box rate.", "",
