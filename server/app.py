@@ -48,6 +48,7 @@ class Server:
         self.audit_port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: list[grpc.aio.Server] = []
+        self._interceptors: list[ErrorInterceptor] = []
         self._http = None
         self._poll_task: asyncio.Task | None = None
         self._stopped = asyncio.Event()
@@ -68,8 +69,10 @@ class Server:
 
     def _new_grpc(self) -> grpc.aio.Server:
         limit = self.config.max_message_bytes
+        interceptor = ErrorInterceptor(self.metrics)
+        self._interceptors.append(interceptor)
         return grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.metrics)],
+            interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
@@ -204,10 +207,20 @@ class Server:
         await asyncio.sleep(min(DRAIN_NOTICE_S, grace))
         # Audits stop alongside the drain: running jobs are checkpointed as interrupted, which
         # also ends their WatchAudit streams so they do not hold the drain for the whole grace.
-        stops = [srv.stop(grace) for srv in self._grpc]
+        grpc_stops = [asyncio.ensure_future(srv.stop(grace)) for srv in self._grpc]
+        drained = [i.wait_unary_idle() for i in self._interceptors]
         if self.audits is not None:
-            stops.append(self.audits.stop())
-        await asyncio.gather(*stops)
+            drained.append(self.audits.stop())
+        drain = asyncio.gather(*drained)
+        # Streams that never end by themselves (grpc.health.v1 Watch) would hold the stop for
+        # the whole grace period: once unary RPCs and audits have drained, end the rest at once.
+        try:
+            await asyncio.wait_for(asyncio.shield(drain), grace)
+        except asyncio.TimeoutError:
+            pass
+        await asyncio.gather(*(srv.stop(0) for srv in self._grpc))
+        await drain
+        await asyncio.gather(*grpc_stops)
         await self.repository.close()
         self.classify_executor.shutdown(wait=False)
         if self._http is not None:

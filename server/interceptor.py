@@ -59,6 +59,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
+        self._unary_inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    async def wait_unary_idle(self) -> None:
+        """Return once no unary RPC of ours is being handled (used by the graceful stop)."""
+        while self._unary_inflight:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            self._idle.clear()
+            await self._idle.wait()
+
+    def _unary_done(self) -> None:
+        self._unary_inflight -= 1
+        if not self._unary_inflight and self._idle is not None:
+            self._idle.set()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -97,6 +112,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request, context):
             start = time.perf_counter()
             self._metrics.inflight.labels(method).inc()
+            self._unary_inflight += 1
             try:
                 _check_parsed(request, method)
                 response = await behavior(request, context)
@@ -111,6 +127,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             else:
                 self._finish(method, start, "OK")
                 return response
+            finally:
+                self._unary_done()
         return wrapper
 
     def _wrap_stream(self, method: str, behavior):

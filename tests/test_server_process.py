@@ -112,6 +112,24 @@ def test_sigterm_with_requests_in_flight_loses_none(digits_repo, tmp_path):
     assert "shutting down" in logs and "DCS_TORCH_MODULES=\n" in logs
 
 
+def test_open_health_watch_does_not_hold_the_stop_for_the_grace_period(digits_repo, tmp_path):
+    """Kubernetes and load balancers keep health Watch streams open; once unary RPCs have
+    drained, SIGTERM ends them instead of waiting out --grace-period-s."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sp = start_server_process(digits_repo, "--grace-period-s", "20", log_dir=tmp_path)
+    with sp, grpc.insecure_channel(sp.target) as ch:
+        stream = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                       timeout=60)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        start = time.monotonic()
+        sp.send_signal(signal.SIGTERM)
+        rc = sp.proc.wait(timeout=30)
+        took = time.monotonic() - start
+    assert rc == 0, sp.logs()[-2000:]
+    assert took < 8, f"stop took {took:.1f} s with a health watcher open (grace 20 s)"
+
+
 def test_server_never_imports_torch_even_when_started_normally(proc_server):
     # start_server_process runs the child with torch blocked (tests.torchless): an import would have
     # crashed start-up; the atexit report (checked in stop()) catches anything subtler.

@@ -148,8 +148,8 @@ def test_sigterm_under_load_drains_accepted_refuses_new_and_flips_health_first(
     finally:
         srv.__exit__()
     assert rc == 0, srv.logs()[-3000:]
-    # Bounded: the stop never outlasts the grace period (an open health Watch stream holds the
-    # drain until the grace period ends, then it is cancelled).
+    # Bounded: the stop never outlasts the grace period (an open health Watch stream is ended
+    # once the unary RPCs have drained).
     assert t_exit - t_term < 5 + 3
     assert after and after[-1][1] == "UNAVAILABLE", after
     for _, code in after:
