@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from training.reproduce import ReproduceError, load_preset, reproduce, select_rows  # noqa: E402
+from training.reproduce import ReproduceError, load_preset, reproduce, select_rows
 
 
 def test_presets_are_data_and_rows_select():

@@ -86,15 +86,15 @@ def _quick() -> dict[str, Any]:
         },
         "reduced": [
             "Fashion-MNIST: the first 6,000 training images (paper 60,000) and 2,000 test images for the training log.",
-            "Epochs: no defense / adversarial training 3 (F-MNIST) or 5 (MNIST-5k) (paper 60); PFE stages 2+2+1 "
-            "(F-MNIST) and 3+3+2 (MNIST-5k) epochs (paper 20+20+20); BlurNet rows 3 epochs.",
-            "PFE regularizer weight λ=5 (paper 1): too few steps for λ=1 to polarize the front end "
-            "(training/RESULTS.md).",
+            ("Epochs: no defense / adversarial training 3 (F-MNIST) or 5 (MNIST-5k) (paper 60); PFE stages 2+2+1 "
+            "(F-MNIST) and 3+3+2 (MNIST-5k) epochs (paper 20+20+20); BlurNet rows 3 epochs."),
+            ("PFE regularizer weight λ=5 (paper 1): too few steps for λ=1 to polarize the front end "
+            "(training/RESULTS.md)."),
             "Adversarial training: PGD with 7 steps, step 2.5ε/7 (Madry 40 steps).",
-            "Table A: 100 test examples; PGD(paper) 20 steps of ε/10 with 2 restarts (paper 100 steps, 20 restarts); "
-            "sweep attacks 10–20 steps; Square 200 queries; 4 ε values per curve (paper 0..0.38 by 0.02).",
-            "Table B/C: 50 test examples per target class; RP2 30 Adam steps with 1 transform sample per step "
-            "(published 300–1000 steps); PGD 10 steps.",
+            ("Table A: 100 test examples; PGD(paper) 20 steps of ε/10 with 2 restarts (paper 100 steps, 20 restarts); "
+            "sweep attacks 10–20 steps; Square 200 queries; 4 ε values per curve (paper 0..0.38 by 0.02)."),
+            ("Table B/C: 50 test examples per target class; RP2 30 Adam steps with 1 transform sample per step "
+            "(published 300–1000 steps); PGD 10 steps."),
         ],
     }
 
@@ -131,14 +131,14 @@ def _full() -> dict[str, Any]:
             "pgd": {"steps": 40},
         },
         "reduced": [
-            "Epochs: no defense 20 (F-MNIST) / 30 (MNIST-5k) (paper 60); PFE the paper's 20+20+20; "
-            "BlurNet rows 10 epochs on Fashion-MNIST (BlurNet trains LISA-CNN on LISA).",
-            "Adversarial training: 6 epochs of 10-step PGD on F-MNIST, 30 epochs of 20-step PGD on MNIST-5k "
-            "(Madry: 40 steps, the paper 60 epochs): the 40-step version alone would take about a day here.",
-            "Table A: 500 test examples (paper 10,000); PGD(paper) as published (100 steps of ε/10, 20 restarts) at "
-            "the headline ε, sweeps with PGD-20; 11 ε values (0.02..0.38 by 0.04, plus the headline) instead of 19.",
-            "Table B/C: 200 test examples per target class; RP2 300 Adam steps with 2 transform samples "
-            "(published up to 1000); PGD 40 steps.",
+            ("Epochs: no defense 20 (F-MNIST) / 30 (MNIST-5k) (paper 60); PFE the paper's 20+20+20; "
+            "BlurNet rows 10 epochs on Fashion-MNIST (BlurNet trains LISA-CNN on LISA)."),
+            ("Adversarial training: 6 epochs of 10-step PGD on F-MNIST, 30 epochs of 20-step PGD on MNIST-5k "
+            "(Madry: 40 steps, the paper 60 epochs): the 40-step version alone would take about a day here."),
+            ("Table A: 500 test examples (paper 10,000); PGD(paper) as published (100 steps of ε/10, 20 restarts) at "
+            "the headline ε, sweeps with PGD-20; 11 ε values (0.02..0.38 by 0.04, plus the headline) instead of 19."),
+            ("Table B/C: 200 test examples per target class; RP2 300 Adam steps with 2 transform samples "
+            "(published up to 1000); PGD 40 steps."),
         ],
     }
 

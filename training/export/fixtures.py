@@ -21,6 +21,12 @@ def build_untrained(arch: str, defense: str | dict[str, Any], input_shape: Seque
     from training.models import build_model
 
     spec = DefenseSpec(kind=defense) if isinstance(defense, str) else DefenseSpec(**defense)
+    if spec.kind == "pfe" and spec.pfe_c is None:  # record the c the model is built with
+        from dataclasses import replace
+
+        from training.models import DEFAULT_C
+
+        spec = replace(spec, pfe_c=DEFAULT_C)
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

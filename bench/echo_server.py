@@ -1,0 +1,66 @@
+"""Reference: a no-op ``grpc.aio`` Classifier that returns one fixed response (RPC-overhead limit).
+
+It takes the same ``classifier.v1.ClassifyRequest`` (parsed by the generated stubs) and answers a
+prebuilt ``ClassifyResponse`` shaped like the real server's (model ref + ``top_k`` scores per
+image), so message sizes match. Run as its own process: ``python -m bench.echo_server --port P``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import grpc
+
+from proto import classifier_pb2 as cpb
+from proto import classifier_pb2_grpc as cpb_grpc
+
+
+def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
+    pred = cpb.Prediction(top=[cpb.ClassScore(index=j, label=f"class_{j}", probability=0.1,
+                                              logit=0.5) for j in range(top_k)])
+    return cpb.ClassifyResponse(
+        model=cpb.ModelRef(name="pfe", version=1, sha256="0" * 64, provider="CPUExecutionProvider"),
+        predictions=[pred] * images)
+
+
+class EchoClassifier(cpb_grpc.ClassifierServicer):
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, int], cpb.ClassifyResponse] = {}
+
+    async def Classify(self, request: cpb.ClassifyRequest, context) -> cpb.ClassifyResponse:
+        shape = request.images.shape
+        n = int(shape[0]) if len(shape) == 4 else 1
+        k = min(request.top_k or 5, 10)
+        resp = self._cache.get((n, k))
+        if resp is None:
+            resp = self._cache[(n, k)] = fixed_response(n, k)
+        return resp
+
+
+async def serve(port: int, max_message_bytes: int) -> None:
+    opts = [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+    server = grpc.aio.server(options=opts)
+    cpb_grpc.add_ClassifierServicer_to_server(EchoClassifier(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    sys.stdout.write(f"READY {bound}\n")
+    sys.stdout.flush()
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--max-message-bytes", type=int, default=16 << 20)
+    args = p.parse_args(argv)
+    try:
+        asyncio.run(serve(args.port, args.max_message_bytes))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

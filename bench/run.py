@@ -1,0 +1,123 @@
+"""``python -m bench.run [--full] [--only NAMES]``: run the benchmarks, print one table, write
+``bench/results/<date>-<host-kind>.json`` and ``bench/results/SUMMARY.md``.
+
+Quick (default) finishes in < 3 min on 2 cores; ``--full`` uses longer windows and bigger audits;
+``--smoke`` is a seconds-long run on the digits MLP for the smoke test (writes to ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from bench.common import Row, Sizes, ensure_models, machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
+
+
+def _benches() -> dict[str, Callable]:
+    from bench import audit_speed, gpu, serving, system
+
+    return {"classify": serving.bench_classify, "batched": serving.bench_batched,
+            "batching": serving.bench_batching, "audit": audit_speed.bench_audit,
+            "isolation": system.bench_isolation, "memory": system.bench_memory,
+            "gpu": gpu.bench_gpu}
+
+
+NAMES = ("classify", "batched", "batching", "audit", "isolation", "memory", "gpu")
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = "| bench | figure | value | reference | ratio | target | result |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        res = "n/a" if r.passed is None else ("PASS" if r.passed else "FAIL")
+        unit = f" {r.unit}" if r.unit and r.value is not None else ""
+        lines.append(f"| {r.bench} | {r.figure} | {_fmt(r.value)}{unit} | {_fmt(r.reference)} | "
+                     f"{_fmt(r.ratio)} | {r.target or '-'} | {res} |")
+    return "\n".join(lines)
+
+
+def notes(rows: list[Row]) -> str:
+    return "\n".join(f"- **{r.bench} / {r.figure}**: {r.note}" for r in rows if r.note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--full", action="store_true", help="longer windows, bigger audits")
+    p.add_argument("--smoke", action="store_true", help="seconds-long run (tests)")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(NAMES)}")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = p.parse_args(argv)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] or list(NAMES)
+    bad = sorted(set(only) - set(NAMES))
+    if bad:
+        p.error(f"--only: unknown {bad}; known: {','.join(NAMES)}")
+    if args.full and args.smoke:
+        p.error("--full and --smoke exclude each other")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    mode = "full" if args.full else "smoke" if args.smoke else "quick"
+    sizes = Sizes.make(mode)
+    args.out.mkdir(parents=True, exist_ok=True)  # fail before the expensive part
+    info = machine()
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="dcs-bench-"))
+    repo = ensure_models(work / "repo", digits_copies=2, pfe=not args.smoke)
+    benches = _benches()
+    rows: list[Row] = []
+    timings: dict[str, float] = {}
+    for name in (n for n in NAMES if n in only):
+        if args.smoke and name == "audit":
+            rows.append(Row("audit", "skipped in --smoke (needs the pfe export)", None))
+            continue
+        t0 = time.perf_counter()
+        logging.getLogger("bench").info("running %s", name)
+        try:
+            rows.extend(benches[name](repo, sizes))
+        except Exception as exc:  # noqa: BLE001 - one broken bench must not hide the others
+            traceback.print_exc()
+            rows.append(Row(name, "benchmark raised", None, target="runs", passed=False,
+                            note=f"{type(exc).__name__}: {exc}"[:500]))
+        timings[name] = round(time.perf_counter() - t0, 1)
+    total = time.perf_counter() - t_start
+    provider = "CUDAExecutionProvider" if any(
+        r.bench == "gpu" and r.value is not None for r in rows) else "CPUExecutionProvider"
+    info.update(mode=mode, provider=provider, seconds=round(total, 1), bench_seconds=timings)
+    text = table(rows)
+    print("\n" + text + "\n\n" + notes(rows), flush=True)
+    print(f"\n{mode} run: {total:.0f} s on {info['cpus']} cores, {provider}", flush=True)
+    kind = f"{info['cpus']}cpu-{'cuda' if provider.startswith('CUDA') else 'cpu'}"
+    stem = f"{info['date_utc'][:10]}-{kind}" + ("" if mode == "quick" else f"-{mode}")
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"machine": info, "rows": [r.to_dict() for r in rows]}, indent=2, default=str) + "\n")
+    summary = [f"# Benchmark summary ({mode} run)", "",
+               f"{info['date_utc']} on `{info['host']}`: {info['cpus']} cores "
+               f"({info.get('cpu_model', '?')}), provider {provider}, onnxruntime "
+               f"{info['onnxruntime']}, grpcio {info.get('grpcio', '?')}; {total:.0f} s "
+               f"(per bench: {timings}). Raw JSON: `{stem}.json`. Re-run: `make bench` "
+               "(`BENCH_ARGS=--full` for the long run).", "", text, "", "## Notes per row", "",
+               notes(rows), ""]
+    if ANALYSIS.exists():
+        summary += [ANALYSIS.read_text()]
+    (args.out / "SUMMARY.md").write_text("\n".join(summary))
+    failed = [r for r in rows if r.figure == "benchmark raised"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
