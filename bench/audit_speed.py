@@ -89,12 +89,22 @@ def bench_audit(repo: Path, sizes: Sizes) -> list[Row]:
         raise RuntimeError(f"torch copy and model.onnx disagree (max |Δlogit| {diff:.2g})")
     steps, restarts = sizes.pgd_steps, sizes.pgd_restarts
     alpha = 2.5 * EPS / steps
-    params = dict(eps=EPS, steps=steps, step_size=alpha, restarts=restarts, batch_size=BATCH)
+    params = {"eps": EPS, "steps": steps, "step_size": alpha, "restarts": restarts,
+              "batch_size": BATCH}
 
     # ours: shipped engine (early stop on fooled examples) and like-for-like (every step)
-    ours = build("pgd", **params).run(pkg, x, y, rng=np.random.default_rng(0))
+    # Each side runs twice, alternately, and keeps its faster run (the machine may be shared;
+    # both runs are seeded alike, so the results are identical and only the time differs).
+    ours = ours_all = None
+    ref_s = float("inf")
+    for _ in range(2):
+        r = build("pgd", **params).run(pkg, x, y, rng=np.random.default_rng(0))
+        ours = r if ours is None or r.wall_s < ours.wall_s else ours
+        ref_robust, s = _torch_pgd(model, x, y, EPS, alpha, steps, restarts, seed=0)
+        ref_s = min(ref_s, s)
     ours_all = build("pgd", early_stop=False, **params).run(pkg, x, y, rng=np.random.default_rng(0))
-    ref_robust, ref_s = _torch_pgd(model, x, y, EPS, alpha, steps, restarts, seed=0)
+    _, ref_all_s = _torch_pgd(model, x, y, EPS, alpha, steps, restarts, seed=0)
+    ref_s = min(ref_s, ref_all_s)
     our_acc = 100.0 * float((~ours.success).mean())
     ref_acc = 100.0 * float(ref_robust.mean())
     speed = ref_s / ours.wall_s

@@ -34,7 +34,7 @@ def cuda_session_provider(model_path: Path) -> tuple[str, str]:
         import subprocess
 
         name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+                              capture_output=True, text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     return got, name or "CUDA device"

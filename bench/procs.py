@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from bench.common import ROOT, percentiles
 from tests.server_helpers import HOST, free_port, scrape_metrics, start_server_process
@@ -55,7 +55,7 @@ def echo_server() -> Iterator[str]:
 def load(target: str, *, concurrency: int, duration: float, warmup: float, batch: int = 1,
          model: str = "pfe", shape: tuple[int, ...] = (1, 28, 28), top_k: int = 5,
          dtype: str = "float32", processes: int = 1, max_requests: int = 0,
-         channels: int = 1) -> dict:
+         channels: int = 1, keep_latencies: bool = False) -> dict:
     """Closed loop from ``processes`` load-generator processes; merged requests/s and latencies."""
     per = [concurrency // processes + (1 if i < concurrency % processes else 0)
            for i in range(processes)]
@@ -92,7 +92,7 @@ def load(target: str, *, concurrency: int, duration: float, warmup: float, batch
     requests = sum(o["requests"] for o in outs)
     return {"requests": requests, "images": requests * batch, "seconds": seconds,
             "rps": requests / seconds, "ips": requests * batch / seconds, "errors": errors,
-            **percentiles(lat)}
+            **percentiles(lat), **({"latencies_s": lat} if keep_latencies else {})}
 
 
 def batch_stats(metrics_port: int, model: str) -> dict[str, float]:

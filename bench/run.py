@@ -13,10 +13,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from bench.common import Row, Sizes, ensure_models, machine
+from bench.common import Row, Sizes, ensure_models, machine, machine_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
@@ -57,13 +57,45 @@ def notes(rows: list[Row]) -> str:
     return "\n".join(f"- **{r.bench} / {r.figure}**: {r.note}" for r in rows if r.note)
 
 
+def write_summary(out: Path, info: dict, rows: list[Row], stem: str) -> None:
+    """``SUMMARY.md``: machine line, the table, per-row notes, then ``bench/analysis.md``."""
+    header = (f"{info['date_utc']} on `{info['host']}`: {info['cpus']} cores "
+              f"({info.get('cpu_model', '?')}), provider {info['provider']}, onnxruntime "
+              f"{info['onnxruntime']}, grpcio {info.get('grpcio', '?')}; {info['seconds']:.0f} s "
+              f"(per bench: {info['bench_seconds']}). Raw JSON: `{stem}.json`. Re-run: "
+              "`make bench` (`BENCH_ARGS=--full` for the long run).")
+    shared = [f"load average {info[k]['loadavg']} {k.split('_')[1]} the run; other busy "
+              "processes: " + ("; ".join(f"{b['cpu_percent']}% `{b['cmd'][:70]}`"
+                                         for b in info[k].get("busy_processes", [])) or "none")
+              for k in ("load_before", "load_after") if k in info]
+    header += "\n\nMachine sharing: " + " / ".join(shared) + "." if shared else ""
+    summary = [f"# Benchmark summary ({info['mode']} run)", "", header, "", table(rows), "",
+               "## Notes per row", "", notes(rows), ""]
+    if ANALYSIS.exists():
+        summary += [ANALYSIS.read_text()]
+    (out / "SUMMARY.md").write_text("\n".join(summary))
+
+
+def resummarize(path: Path) -> int:
+    """Rebuild SUMMARY.md beside ``path`` from its JSON (after editing bench/analysis.md)."""
+    data = json.loads(path.read_text())
+    rows = [Row(**r) for r in data["rows"]]
+    write_summary(path.parent, data["machine"], rows, path.stem)
+    print(table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--full", action="store_true", help="longer windows, bigger audits")
     p.add_argument("--smoke", action="store_true", help="seconds-long run (tests)")
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(NAMES)}")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--resummarize", type=Path, default=None, metavar="JSON",
+                   help="only rebuild SUMMARY.md from a results JSON, run nothing")
     args = p.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize)
     only = [n.strip() for n in args.only.split(",") if n.strip()] or list(NAMES)
     bad = sorted(set(only) - set(NAMES))
     if bad:
@@ -75,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = Sizes.make(mode)
     args.out.mkdir(parents=True, exist_ok=True)  # fail before the expensive part
     info = machine()
+    info["load_before"] = machine_load()
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="dcs-bench-"))
     repo = ensure_models(work / "repo", digits_copies=2, pfe=not args.smoke)
@@ -97,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t_start
     provider = "CUDAExecutionProvider" if any(
         r.bench == "gpu" and r.value is not None for r in rows) else "CPUExecutionProvider"
+    info["load_after"] = machine_load()
     info.update(mode=mode, provider=provider, seconds=round(total, 1), bench_seconds=timings)
     text = table(rows)
     print("\n" + text + "\n\n" + notes(rows), flush=True)
@@ -105,16 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{info['date_utc'][:10]}-{kind}" + ("" if mode == "quick" else f"-{mode}")
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": info, "rows": [r.to_dict() for r in rows]}, indent=2, default=str) + "\n")
-    summary = [f"# Benchmark summary ({mode} run)", "",
-               f"{info['date_utc']} on `{info['host']}`: {info['cpus']} cores "
-               f"({info.get('cpu_model', '?')}), provider {provider}, onnxruntime "
-               f"{info['onnxruntime']}, grpcio {info.get('grpcio', '?')}; {total:.0f} s "
-               f"(per bench: {timings}). Raw JSON: `{stem}.json`. Re-run: `make bench` "
-               "(`BENCH_ARGS=--full` for the long run).", "", text, "", "## Notes per row", "",
-               notes(rows), ""]
-    if ANALYSIS.exists():
-        summary += [ANALYSIS.read_text()]
-    (args.out / "SUMMARY.md").write_text("\n".join(summary))
+    write_summary(args.out, info, rows, stem)
     failed = [r for r in rows if r.figure == "benchmark raised"]
     return 1 if failed else 0
 

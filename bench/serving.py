@@ -31,7 +31,8 @@ def raw_ort_seconds(model_path: Path, batch: int, seconds: float, threads: int =
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), so, providers=[provider, "CPUExecutionProvider"])
+    providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+    sess = ort.InferenceSession(str(model_path), so, providers=providers)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
     for _ in range(3):
@@ -43,19 +44,47 @@ def raw_ort_seconds(model_path: Path, batch: int, seconds: float, threads: int =
     return (time.perf_counter() - t0) / n, sess.get_providers()[0]
 
 
+def _merge(parts: list[dict]) -> dict:
+    """Several load() results as one: requests and seconds add up, latencies merge."""
+    from bench.common import percentiles
+
+    lat = [v for p in parts for v in p["latencies_s"]]
+    req = sum(p["requests"] for p in parts)
+    sec = sum(p["seconds"] for p in parts)
+    img = sum(p["images"] for p in parts)
+    errors: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    return {"requests": req, "images": img, "seconds": sec, "rps": req / sec, "ips": img / sec,
+            "errors": errors, "rounds": len(parts), **percentiles(lat)}
+
+
+def _rounds(target_a: str, target_b: str, sizes: Sizes, **kw) -> dict:
+    """A and B measured alternately (A B A B ...), merged per side; B is under key "other"."""
+    rounds = 3 if sizes.full else 2
+    a, b = [], []
+    for _ in range(rounds):
+        for side, target in ((a, target_a), (b, target_b)):
+            side.append(load(target, duration=sizes.duration_s / rounds, warmup=sizes.warmup_s,
+                             keep_latencies=True, **kw))
+    return {**_merge(a), "other": _merge(b)}
+
+
 def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
     rows: list[Row] = []
     model_path = repo / sizes.model / "1" / "model.onnx"
     kw = {"model": sizes.model, "shape": sizes.shape}
     res: dict[str, dict[int, dict]] = {"echo": {}, "server": {}}
-    with echo_server() as target:
+    # Both servers up at once (the idle one costs nothing); the two are measured alternately in
+    # short rounds so drift in machine load hits both sides alike.
+    with echo_server() as echo_target, real_server(repo) as sp:
         for n in sizes.concurrencies:
-            res["echo"][n] = load(target, concurrency=n, duration=sizes.duration_s,
-                                  warmup=sizes.warmup_s, **kw)
-    with real_server(repo) as sp:
-        for n in sizes.concurrencies:
-            res["server"][n] = load(sp.target, concurrency=n, duration=sizes.duration_s,
-                                    warmup=sizes.warmup_s, **kw)
+            for side, target in (("echo", echo_target), ("server", sp.target)):
+                load(target, concurrency=n, duration=0, warmup=0, max_requests=max(50, 4 * n),
+                     **kw)  # warm the channel and the server's paths
+            res["echo"][n] = _rounds(echo_target, sp.target, sizes, concurrency=n, **kw)
+            res["server"][n] = res["echo"][n].pop("other")
         stats = batch_stats(sp.metrics_port, sizes.model)
     for n in sizes.concurrencies:
         e, s = res["echo"][n], res["server"][n]
@@ -87,14 +116,14 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
     best_raw_b = max(raw, key=raw.get)
     served: dict[str, dict[int, dict]] = {"float32": {}, "uint8": {}}
     max_b = max(sizes.batch_sizes)
-    # concurrency 2: one request computes while the next is parsed/queued (closed loop).
-    with real_server(repo, "--max-batch", str(2 * max_b), "--max-queue-delay-ms", "0") as sp:
+    # concurrency 3: one request computes while the next ones are parsed/queued (closed loop).
+    with real_server(repo, "--max-batch", str(max_b), "--max-queue-delay-ms", "0") as sp:
         for b in sizes.batch_sizes:
-            served["float32"][b] = load(sp.target, concurrency=2, batch=b, top_k=1,
+            served["float32"][b] = load(sp.target, concurrency=3, batch=b, top_k=1,
                                         duration=sizes.duration_s, warmup=sizes.warmup_s, **kw)
         best_b = max(served["float32"], key=lambda k: served["float32"][k]["ips"])
         # harness-side variant: the same images as UINT8 bytes (4x fewer bytes on the wire)
-        served["uint8"][best_b] = load(sp.target, concurrency=2, batch=best_b, top_k=1,
+        served["uint8"][best_b] = load(sp.target, concurrency=3, batch=best_b, top_k=1,
                                        dtype="uint8", duration=sizes.duration_s,
                                        warmup=sizes.warmup_s, **kw)
     best = served["float32"][best_b]
@@ -114,12 +143,14 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
 
 def bench_batching(repo: Path, sizes: Sizes) -> list[Row]:
     kw = {"model": sizes.model, "shape": sizes.shape}
-    res, stats = {}, {}
-    for label, flags in (("on", ("--max-batch", str(MAX_BATCH))), ("off", ("--max-batch", "1"))):
-        with real_server(repo, *flags) as sp:
-            res[label] = load(sp.target, concurrency=64, duration=sizes.duration_s,
-                              warmup=sizes.warmup_s, **kw)
-            stats[label] = batch_stats(sp.metrics_port, sizes.model)
+    with real_server(repo, "--max-batch", str(MAX_BATCH)) as on, \
+            real_server(repo, "--max-batch", "1") as off:
+        for sp in (on, off):
+            load(sp.target, concurrency=64, duration=0, warmup=0, max_requests=256, **kw)
+        res = _rounds(on.target, off.target, sizes, concurrency=64, **kw)
+        res = {"off": res.pop("other"), "on": res}
+        stats = {"on": batch_stats(on.metrics_port, sizes.model),
+                 "off": batch_stats(off.metrics_port, sizes.model)}
     r = res["on"]["rps"] / res["off"]["rps"]
     return [Row("batching", "requests/s N=64, dynamic batching on vs off", res["on"]["rps"],
                 res["off"]["rps"], r, ">= 2.0x", r >= 2.0, "req/s",

@@ -3,6 +3,11 @@
 Precedence: dataclass defaults (the papers' values) < ``--config`` file (YAML/JSON, flat keys
 as below or nested ``defense:``/``adv:`` mappings) < flags. ``--resume`` continues the run in
 ``--out`` from its own config.json (only --threads/--device/--checkpoint-every may change).
+
+Distributed: the same command under ``torchrun --nproc_per_node N -m training.cli train ...``
+trains with DistributedDataParallel (gloo on CPU, nccl with --device cuda). ``--batch-size`` is
+the global batch (each rank takes batch-size / N; it must divide evenly); rank 0 alone writes the
+run directory, which must be shared by all ranks; ``--resume`` needs the same N.
 """
 from __future__ import annotations
 
@@ -12,10 +17,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.cli import CLIError
 from training.config import ARCHS, BLUR_TYPES, DEFENSES, DEVICES, ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    from training.distributed import DistContext
 
 log = logging.getLogger(__name__)
 SUPPRESS = argparse.SUPPRESS
@@ -167,8 +175,6 @@ def flag_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.data import DataError, load_dataset
-
     out = Path(args.out)
     flags = flag_values(args)
     if args.stop_after_batches is not None and args.stop_after_batches < 1:
@@ -186,6 +192,27 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(values).resolved()
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
+    from training.distributed import (
+        DistributedError,
+        check_global_batch,
+        env_world_size,
+        process_group,
+    )
+    from training.trainer import resolve_device
+
+    try:
+        check_global_batch(cfg.batch_size, env_world_size())
+        device = resolve_device(cfg.device)
+    except (DistributedError, ConfigError) as exc:
+        raise CLIError(str(exc)) from None
+    with process_group(device) as dist:
+        return _run(args, cfg, out, dist)
+
+
+def _run(args: argparse.Namespace, cfg: TrainConfig, out: Path, dist: DistContext | None) -> int:
+    """The rest of ``run`` inside the (possibly trivial) process group; only rank 0 prints results."""
+    from training.data import DataError, load_dataset
+
     if not args.resume and out.exists() and any((out / f).exists() for f in ("config.json", "checkpoint.pt", "final.pt")):
         raise CLIError(f"{out} already holds a run; use --resume or another --out")
     try:
@@ -203,9 +230,11 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = replace(cfg, threads=resolve_threads(cfg.threads))
         result = train(cfg, data, out, resume=args.resume, stop_after_batches=args.stop_after_batches,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, dist=dist)
     except (ConfigError, RunError, ValueError) as exc:
         raise CLIError(str(exc).splitlines()[0]) from None
+    if dist is not None and not dist.is_main:
+        return 0
     if result.stopped_early:
         print(f"dcs train: stopped after {args.stop_after_batches} batches; checkpoint in {out}", file=sys.stderr)
         return 0
