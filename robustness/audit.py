@@ -248,7 +248,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
         if params.get("targeted"):
             target = (y + 1 + rng.integers(0, oracle.num_classes - 1, size=n)) % oracle.num_classes
         try:
-            attack = build(spec.attack, eps=eps, batch_size=suite.batch_size, **params)
+            attack = build(spec.attack, **{"batch_size": suite.batch_size, **params, "eps": eps})
         except AttackError as exc:
             raise AuditError(f"attack {spec.display!r}: {exc}") from None
         idx = np.arange(n)

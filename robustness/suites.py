@@ -114,10 +114,13 @@ class Suite:
                 raise SuiteError(f"suite {self.name!r}: eps {e!r} is outside [0, 1]")
         if not self.eps:
             raise SuiteError(f"suite {self.name!r}: eps list is empty")
+        names = known()
         for spec in self.attacks:
-            names = known()
             if spec.attack not in names:
                 raise SuiteError(f"suite {self.name!r}: unknown attack {spec.attack!r}; known: {sorted(names)}")
+            if "eps" in spec.params:
+                raise SuiteError(f"suite {self.name!r}: attack {spec.display!r} sets eps in its params; "
+                                 "give ε through the suite's eps list or the spec's eps field")
         labels = [s.display for s in self.attacks]
         if len(set(labels)) != len(labels):
             raise SuiteError(f"suite {self.name!r}: attack labels must be unique, got {labels}")

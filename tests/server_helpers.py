@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-from tests.torchless import BLOCK_TORCH
 import asyncio
 import os
 import signal
@@ -30,6 +29,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.torchless import BLOCK_TORCH
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

@@ -1,7 +1,6 @@
 """The public audit API: suites, progress, cancellation, budgets, reproducibility, torch-free."""
 from __future__ import annotations
 
-from tests.torchless import BLOCK_TORCH
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from robustness.audit import AuditBudgetExceeded, AuditCancelled, AuditError, Pr
 from robustness.report import strip_nondeterministic
 from robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite, load_suite
 from robustness.testing import fit_mlp, load_digits_nchw
+from tests.torchless import BLOCK_TORCH
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,19 @@ def test_robustness_imports_without_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        check=False)
     assert r.returncode == 0, r.stderr
+
+
+def test_attack_params_may_set_batch_size_but_not_eps():
+    import numpy as np
+
+    from robustness.suites import CheckConfig
+
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 1, 8, 8), dtype=np.float32)
+    y = (x.reshape(20, -1).mean(1) > 0.5).astype(np.int64)
+    oracle = ArrayOracle(fit_mlp(x, y, 2, steps=20), 2, (1, 8, 8))
+    suite = Suite(name="bs", attacks=(AttackSpec("pgd", {"steps": 3, "batch_size": 7}),),
+                  eps=(0.1,), checks=CheckConfig(enabled=False))
+    assert audit(oracle, x, y, suite, seed=0).to_dict()["results"][0]["n"] == 20
+    with pytest.raises(SuiteError, match="eps"):
+        Suite(name="e", attacks=(AttackSpec("pgd", {"eps": 0.5}),), eps=(0.1,))

@@ -2,7 +2,6 @@
 (no server)."""
 from __future__ import annotations
 
-from tests.torchless import BLOCK_TORCH
 import logging
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from clients.images import (
     load_for_model,
     to_model_input,
 )
+from tests.torchless import BLOCK_TORCH
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAY = (1, 8, 8)

@@ -1,7 +1,6 @@
 """Package writing: standin ops, tampering, torch-free loading, versions, atomicity and the CLI."""
 from __future__ import annotations
 
-from tests.torchless import BLOCK_TORCH
 import json
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from training.export.package_writer import ExportError, PackageSpec, write_packa
 from training.export.standins import StandinLISA, StandinPFE  # noqa: E402
 from training.export.twin import bpda, reference_loss_grad  # noqa: E402
 from training.export.verify import grad_agreement  # noqa: E402
+from tests.torchless import BLOCK_TORCH  # noqa: E402
 
 CPU = SessionOptions(device="cpu", intra_op_threads=1)
 

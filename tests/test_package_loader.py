@@ -1,7 +1,6 @@
 """The torch-free package loader: sha256 verification, manifest digest, oracle behaviour."""
 from __future__ import annotations
 
-from tests.torchless import BLOCK_TORCH
 import json
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 from robustness.manifest import PackageError
 from robustness.package import load_package
 from robustness.testing import digits_package, load_digits_nchw
+from tests.torchless import BLOCK_TORCH
 
 
 @pytest.fixture()
