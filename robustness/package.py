@@ -7,15 +7,28 @@ shapes and dtypes against the manifest. The result implements the oracle protoco
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from robustness.manifest import (
-    BOUNDS_FILE, EPS_NAME, GRAD_FILE, GRAD_NAME, INPUT_NAME, LABEL_NAME, LOGITS_NAME, LOWER_NAME,
-    MODEL_FILE, PROBE_FILE, UPPER_NAME, PackageError, read_manifest, verify_files,
+    BOUNDS_FILE,
+    EPS_NAME,
+    GRAD_FILE,
+    GRAD_NAME,
+    INPUT_NAME,
+    LABEL_NAME,
+    LOGITS_NAME,
+    LOWER_NAME,
+    MODEL_FILE,
+    PROBE_FILE,
+    UPPER_NAME,
+    PackageError,
+    read_manifest,
+    verify_files,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +70,7 @@ def make_session(path: Path, opts: SessionOptions):
         wanted = [CUDA, CPU]
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=wanted)
-    except Exception as exc:  # ORT raises several private exception types
+    except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
         raise PackageError(f"{path}: onnxruntime could not load the graph ({exc})") from None
     in_use = sess.get_providers()[0]
     if opts.device == "cuda" and in_use != CUDA:

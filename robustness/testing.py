@@ -8,17 +8,30 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from robustness.manifest import (
-    BOUNDS_FILE, EPS_NAME, GRAD_FILE, GRAD_NAME, INPUT_NAME, LABEL_NAME, LOGITS_NAME, LOWER_NAME,
-    MANIFEST_FILE, MODEL_FILE, SCHEMA_VERSION, UPPER_NAME, atomic_write_bytes, atomic_write_json,
-    file_entry, seal,
+    BOUNDS_FILE,
+    EPS_NAME,
+    GRAD_FILE,
+    GRAD_NAME,
+    INPUT_NAME,
+    LABEL_NAME,
+    LOGITS_NAME,
+    LOWER_NAME,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    UPPER_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_entry,
+    seal,
 )
 
 OPSET = 17

@@ -7,10 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from robustness.package import SessionOptions, load_package  # noqa: E402
-from training.export.fixtures import build_untrained, export_untrained  # noqa: E402
-from training.export.twin import bpda, reference_loss_grad  # noqa: E402
-from training.export.verify import grad_agreement  # noqa: E402
+from robustness.package import SessionOptions, load_package
+from training.export.fixtures import build_untrained, export_untrained
+from training.export.twin import bpda, reference_loss_grad
+from training.export.verify import grad_agreement
 
 # (arch, defense, input shape, classes). lisa_cnn at 30x30 makes its 6x6 stride-2 conv drop a
 # row, so the transposed convolution of the backward needs output_padding=1.
@@ -39,7 +39,7 @@ def family(request, tmp_path_factory):
 
 @pytest.mark.parametrize("batch", [1, 7])
 def test_twin_matches_torch(family, batch):
-    (arch, defense, shape, k), model, pkg, result = family
+    (_arch, _defense, shape, k), model, pkg, result = family
     rng = np.random.default_rng(batch)
     x = rng.random((batch, *shape), dtype=np.float32)
     y = rng.integers(0, k, size=batch).astype(np.int64)
@@ -56,7 +56,7 @@ def test_twin_matches_torch(family, batch):
 
 
 def test_manifest_records_gradient_kind_and_probe(family):
-    (arch, defense, shape, k), model, pkg, result = family
+    (arch, defense, shape, k), model, pkg, _result = family
     m = pkg.manifest
     if defense == "pfe":
         assert m["gradient"]["kind"] == "bpda"
@@ -91,7 +91,7 @@ def _pgd(pkg, x, y, eps, steps=10):
 def test_bounds_are_sound(family, eps):
     """model.bounds.onnx (issue 13): model.onnx logits on random and PGD points in the ε-ball ∩
     [0,1] lie inside the bounds; at ε=0 the bounds are the logits."""
-    (arch, defense, shape, k), model, pkg, result = family
+    (_arch, _defense, shape, k), _model, pkg, _result = family
     assert pkg.has_bounds and pkg.manifest["bounds"]["method"] == "ibp"
     rng = np.random.default_rng(11)
     x = rng.random((7, *shape), dtype=np.float32)

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 COMMANDS = ("train", "export", "verify", "evaluate", "compare", "merge", "reproduce")
 

@@ -71,7 +71,6 @@ __all__ = [
     "FGSM",
     "PGD",
     "REGISTRY",
-    "register",
     "RP2",
     "Attack",
     "AttackError",
@@ -86,5 +85,6 @@ __all__ = [
     "build",
     "get",
     "project",
+    "register",
     "sticker_mask",
 ]

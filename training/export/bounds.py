@@ -15,7 +15,8 @@ The input interval is the ε-ball clipped to the input box [0, 1] (the model's d
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,7 @@ class IntervalModel(nn.Module):
                     env[node.name] = both(node.target, args, kwargs)
             elif node.op == "call_method":
                 args, kwargs = load(node.args), load(node.kwargs)
-                env[node.name] = both(lambda t, *r, **k: getattr(t, node.target)(*r, **k), args, kwargs)
+                env[node.name] = both(lambda t, *r, _m=node.target, **k: getattr(t, _m)(*r, **k), args, kwargs)
             elif node.op == "output":
                 return load(node.args[0])
             else:

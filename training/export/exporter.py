@@ -8,7 +8,11 @@ from typing import Any
 
 from training.export.onnx_export import DEFAULT_OPSET
 from training.export.package_writer import (
-    ExportError, ExportResult, PackageSpec, resolve_version, write_package,
+    ExportError,
+    ExportResult,
+    PackageSpec,
+    resolve_version,
+    write_package,
 )
 
 log = logging.getLogger(__name__)

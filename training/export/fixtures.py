@@ -1,9 +1,10 @@
 """Real exported packages for tests, in a couple of seconds: random weights, no training."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from training.export.onnx_export import DEFAULT_OPSET
 from training.export.package_writer import ExportResult, PackageSpec, write_package
@@ -64,7 +65,6 @@ def write_untrained_run(run_dir: str | Path, arch: str = "pfe_cnn", defense: str
 
     For export/verify tests that need a run without training one.
     """
-    import torch
 
     from training import runs
     from training.config import DefenseSpec, TrainConfig

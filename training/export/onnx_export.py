@@ -4,14 +4,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from robustness.manifest import (
-    EPS_NAME, GRAD_NAME, INPUT_NAME, LABEL_NAME, LOGITS_NAME, LOWER_NAME, UPPER_NAME,
+    EPS_NAME,
+    GRAD_NAME,
+    INPUT_NAME,
+    LABEL_NAME,
+    LOGITS_NAME,
+    LOWER_NAME,
+    UPPER_NAME,
 )
 from training.export.twin import trace_bounds, trace_forward, trace_probe, trace_twin
 

@@ -11,21 +11,38 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
 from robustness.manifest import (
-    BOUNDS_FILE, GRAD_FILE, INPUT_NAME, LOGITS_NAME, MANIFEST_FILE, MODEL_FILE, PROBE_FILE, SCHEMA_VERSION,
-    PackageError, atomic_write_json, file_entry, seal, valid_name,
+    BOUNDS_FILE,
+    GRAD_FILE,
+    INPUT_NAME,
+    LOGITS_NAME,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PROBE_FILE,
+    SCHEMA_VERSION,
+    PackageError,
+    atomic_write_json,
+    file_entry,
+    seal,
+    valid_name,
 )
 from robustness.package import SessionOptions, list_versions, load_package
 from training.export.bounds import IntervalModel, UnsupportedBounds
 from training.export.onnx_export import (
-    DEFAULT_OPSET, export_bounds_onnx, export_model_onnx, export_probe_onnx, export_twin_onnx, exporter_versions,
+    DEFAULT_OPSET,
+    export_bounds_onnx,
+    export_model_onnx,
+    export_probe_onnx,
+    export_twin_onnx,
+    exporter_versions,
 )
 from training.export.twin import bpda, saturation_modules
 
