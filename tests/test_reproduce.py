@@ -76,6 +76,13 @@ def test_tiny_pipeline_writes_results_and_caches(tmp_path: Path):
     assert json.loads((out / "tables.json").read_text())["table_a"] == tables["table_a"]
     steps = json.loads((out / "steps.json").read_text())
     assert all(s["cached"] for s in steps["steps"])
+    assert all(s["compute_seconds"] is not None for s in steps["steps"])
+    # an interrupted evaluation (no summary.json yet) is redone, and only it
+    ev = next(s for s in res.steps if s["step"] == "eval:A:exact")
+    (Path(ev["path"]) / "summary.json").unlink()
+    third = reproduce(preset, tmp_path / "results", tmp_path / "work", only)
+    assert [s["step"] for s in third.steps if not s["cached"]] == ["eval:A:exact"]
+    assert json.loads((out / "tables.json").read_text())["table_a"] == tables["table_a"]
 
 
 @pytest.mark.slow

@@ -127,11 +127,23 @@ def train_step(row: dict, preset: dict, work: Path, steps: Steps, data_cache: di
         return out, key
     data = _data(cfg.dataset, cfg.limit_train, cfg.limit_test, data_cache)
     if not need_snaps:
-        train(cfg, data, out, resume=(out / runs.CHECKPOINT_FILE).is_file(), progress=False)
+        train(cfg, data, out, resume=_resume(out), progress=False)
     else:
         _train_pfe_with_snapshots(cfg, data, out)
     steps.add("train", row["id"], key, False, time.perf_counter() - t0, str(out))
     return out, key
+
+
+def _resume(out: Path) -> bool:
+    """Resume from the checkpoint if there is one; a run killed before its first checkpoint left
+    only config.json/metrics, which are removed so the run starts afresh."""
+    from training import runs
+
+    if (out / runs.CHECKPOINT_FILE).is_file():
+        return True
+    for name in (runs.CONFIG_FILE, runs.METRICS_JSON, runs.METRICS_CSV):
+        (out / name).unlink(missing_ok=True)
+    return False
 
 
 def _data(name: str, limit_train, limit_test, cache: dict):
@@ -182,7 +194,7 @@ def _train_pfe_with_snapshots(cfg, data, out: Path) -> None:
         if name in snaps or epochs == 0 or stage == 3:
             continue
         out.mkdir(parents=True, exist_ok=True)
-        res = train(cfg, data, out, resume=(out / runs.CHECKPOINT_FILE).is_file(), stop_after_batches=stop,
+        res = train(cfg, data, out, resume=_resume(out), stop_after_batches=stop,
                     progress=False)
         if not res.stopped_early:
             break
@@ -194,7 +206,7 @@ def _train_pfe_with_snapshots(cfg, data, out: Path) -> None:
         snaps[name] = _probe_z(model, x_probe)
         np.savez(part, **snaps)
     if not (out / runs.FINAL_FILE).is_file():
-        train(cfg, data, out, resume=(out / runs.CHECKPOINT_FILE).is_file(), progress=False)
+        train(cfg, data, out, resume=_resume(out), progress=False)
     run = runs.load_trained(out)
     snaps["final"] = _probe_z(run.model, x_probe)
     snaps["c"] = np.asarray([cfg.defense.pfe_c], np.float32)
