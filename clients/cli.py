@@ -21,10 +21,11 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from robustness.manifest import atomic_write_text
 
 PROG = "dcsctl"
 DEFAULT_TARGET = "127.0.0.1:8001"
@@ -185,17 +186,6 @@ def headline_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _prepare_out(out: Path | None) -> None:
     """Fail before the expensive part: the output folder must be creatable and writable."""
     if out is None:
@@ -210,11 +200,11 @@ def _prepare_out(out: Path | None) -> None:
 
 def _save_report(client, job: str, report: dict[str, Any], out: Path) -> list[Path]:
     paths = [out / "report.json"]
-    _write_atomic(paths[0], json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(paths[0], json.dumps(report, indent=2, sort_keys=True) + "\n")
     html = client.report_html(job)
     if html:
         paths.append(out / "report.html")
-        _write_atomic(paths[1], html)
+        atomic_write_text(paths[1], html)
     return paths
 
 

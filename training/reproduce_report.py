@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from training.runs import atomic_write_json, atomic_write_text
+from robustness.manifest import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -6,29 +6,17 @@ matplotlib is imported only inside ``write_report``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from robustness.manifest import atomic_write_text
 from robustness.report.markdown import comparison_table
 from robustness.report.schema import SCHEMA_VERSION, Report, strip_nondeterministic
 
 JSON_NAME = "report.json"
 HTML_NAME = "report.html"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: Report, out_dir: str | Path, *, oracle: Any = None,
@@ -47,8 +35,8 @@ def write_report(report: Report, out_dir: str | Path, *, oracle: Any = None,
     d = report.to_dict()
     figs = plots.figures(report, oracle=oracle, x=x)
     json_path, html_path = out / JSON_NAME, out / HTML_NAME
-    _atomic_write(json_path, json.dumps(d, indent=2, sort_keys=False) + "\n")
-    _atomic_write(html_path, H.render(d, figs))
+    atomic_write_text(json_path, json.dumps(d, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(html_path, H.render(d, figs))
     return json_path, html_path
 
 
