@@ -19,6 +19,15 @@ def digits_repo(tmp_path_factory) -> Path:
     return repo
 
 
+@pytest.fixture(scope="session")
+def digits_test():
+    """The 500 held-out 8x8 digits as (x float32 [N,1,8,8] in [0,1], y int64)."""
+    from robustness.testing import load_digits_nchw
+
+    _, _, x, y = load_digits_nchw()
+    return x, y
+
+
 def write_token_file(tmp_path_factory, token: str) -> Path:
     """A file holding ``token`` (what ``--audit-token-file`` reads), in a fresh temp folder."""
     path = tmp_path_factory.mktemp("token") / "token"

@@ -34,14 +34,6 @@ def server(digits_repo, token_file):
     sp.stop()
 
 
-@pytest.fixture(scope="module")
-def digits_test():
-    from robustness.testing import load_digits_nchw
-
-    _, _, x, y = load_digits_nchw()
-    return x, y
-
-
 def dcsctl(server, *args: str, token_file: Path | None = None, timeout: float = 60):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCS_")}
     pre = ["--target", server.target, "--timeout", "10"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -32,7 +30,7 @@ from clients.images import (
     load_for_model,
     to_model_input,
 )
-from tests.torchless import BLOCK_TORCH
+from tests.torchless import run_without_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAY = (1, 8, 8)
@@ -269,10 +267,9 @@ def test_cli_audit_checks_out_dir_before_calling(tmp_path, capsys):
 
 
 def test_client_imports_without_torch():
-    code = (BLOCK_TORCH + "import sys\n"
+    code = ("import sys\n"
             "import clients, clients.client, clients.cli, clients.images, clients.errors\n"
             "assert clients.cli.main(['--help']) == 0\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False,
-                         capture_output=True, text=True, timeout=60)
+    res = run_without_torch(code, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "torch" not in res.stderr

@@ -35,14 +35,6 @@ FAST_ATTACKS = ["fgsm", ("pgd", {"steps": 5})]
 
 
 @pytest.fixture(scope="module")
-def digits_test():
-    from robustness.testing import load_digits_nchw
-
-    _, _, x, y = load_digits_nchw()
-    return x, y
-
-
-@pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
     return write_token_file(tmp_path_factory, TOKEN)
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ pytest.importorskip("onnxruntime")
 
 from robustness.manifest import PackageError
 from robustness.package import SessionOptions, load_package
-from tests.torchless import BLOCK_TORCH
+from tests.torchless import run_without_torch
 from training.export import package_writer
 from training.export.package_writer import ExportError, PackageSpec, write_package
 from training.export.standins import StandinLISA, StandinPFE
@@ -84,7 +82,7 @@ def test_hand_edited_manifest_is_refused(exported, tmp_path):
 def test_exported_package_loads_with_torch_blocked(exported):
     path = exported["lisa"][3].path
     code = (
-        BLOCK_TORCH + "import sys\n"
+        "import sys\n"
         "import numpy as np\n"
         "from robustness.package import load_package\n"
         f"p = load_package({str(path)!r})\n"
@@ -95,8 +93,7 @@ def test_exported_package_loads_with_torch_blocked(exported):
         "assert lo.shape == (2, 5) and (lo <= hi).all()\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         check=False)
+    out = run_without_torch(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 

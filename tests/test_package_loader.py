@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import pytest
 from robustness.manifest import PackageError
 from robustness.package import load_package
 from robustness.testing import digits_package, load_digits_nchw
-from tests.torchless import BLOCK_TORCH
+from tests.torchless import run_without_torch
 
 
 @pytest.fixture()
@@ -63,7 +61,7 @@ def test_wrong_input_shape_is_a_clear_error(pkg_dir):
 
 def test_loader_works_with_torch_blocked(pkg_dir):
     code = (
-        BLOCK_TORCH + "import sys\n"
+        "import sys\n"
         "import numpy as np\n"
         "from robustness.package import load_package\n"
         f"p = load_package({str(pkg_dir)!r})\n"
@@ -72,7 +70,6 @@ def test_loader_works_with_torch_blocked(pkg_dir):
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         check=False)
+    out = run_without_torch(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

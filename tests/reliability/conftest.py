@@ -100,14 +100,6 @@ def repo_copy(base_repo, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits_test():
-    from robustness.testing import load_digits_nchw
-
-    _, _, x, y = load_digits_nchw()
-    return x, y
-
-
-@pytest.fixture(scope="session")
 def reference(base_repo):
     """In-process ORT session over the same package: the answers the server must give."""
     import onnxruntime as ort
