@@ -3,12 +3,19 @@
 It takes the same ``classifier.v1.ClassifyRequest`` (parsed by the generated stubs) and answers a
 prebuilt ``ClassifyResponse`` shaped like the real server's (model ref + ``top_k`` scores per
 image), so message sizes match. Run as its own process: ``python -m bench.echo_server --port P``.
+
+``--batching`` turns it into the *floor of any batching design* on grpc.aio: each handler parks
+on a future, one task collects the parked requests (up to ``--delay-ms``, like the server's
+``--max-queue-delay-ms``), hands the batch to a worker thread that does nothing, and wakes the
+handlers. No model, no validation, no metrics: what is left is the cost of suspending a
+handler and of one thread hand-off per batch.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -25,8 +32,12 @@ def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
 
 
 class EchoClassifier(cpb_grpc.ClassifierServicer):
-    def __init__(self) -> None:
+    def __init__(self, batching: bool = False, delay_s: float = 0.002) -> None:
         self._cache: dict[tuple[int, int], cpb.ClassifyResponse] = {}
+        self._batching = batching
+        self._delay_s = delay_s
+        self._queue: asyncio.Queue | None = None
+        self._pool = ThreadPoolExecutor(1) if batching else None
 
     async def Classify(self, request: cpb.ClassifyRequest, context) -> cpb.ClassifyResponse:
         shape = request.images.shape
@@ -35,14 +46,36 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
         resp = self._cache.get((n, k))
         if resp is None:
             resp = self._cache[(n, k)] = fixed_response(n, k)
+        if self._batching:
+            loop = asyncio.get_running_loop()
+            if self._queue is None:
+                self._queue = asyncio.Queue()
+                loop.create_task(self._collect())
+            parked = loop.create_future()
+            self._queue.put_nowait(parked)
+            await parked
         return resp
 
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self._delay_s
+            while len(batch) < 32:
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+            await loop.run_in_executor(self._pool, len, batch)
+            for parked in batch:
+                parked.set_result(None)
 
-async def serve(port: int, max_message_bytes: int) -> None:
+
+async def serve(port: int, max_message_bytes: int, batching: bool = False, delay_ms: float = 2.0) -> None:
     opts = [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=opts)
-    cpb_grpc.add_ClassifierServicer_to_server(EchoClassifier(), server)
+    cpb_grpc.add_ClassifierServicer_to_server(EchoClassifier(batching, delay_ms / 1000), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     sys.stdout.write(f"READY {bound}\n")
@@ -54,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--max-message-bytes", type=int, default=16 << 20)
+    p.add_argument("--batching", action="store_true", help="park each request until a batch forms")
+    p.add_argument("--delay-ms", type=float, default=2.0, help="batch window with --batching")
     args = p.parse_args(argv)
     try:
-        asyncio.run(serve(args.port, args.max_message_bytes))
+        asyncio.run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms))
     except KeyboardInterrupt:
         pass
     return 0

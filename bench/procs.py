@@ -33,9 +33,10 @@ def real_server(repo: Path, *flags: str, env: dict[str, str] | None = None,
 
 
 @contextmanager
-def echo_server() -> Iterator[str]:
+def echo_server(*flags: str) -> Iterator[str]:
+    """``bench.echo_server`` on a free loopback port (``flags``: e.g. ``--batching``)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", "--port", str(port), *flags],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, **CHILD_ENV})
     try:

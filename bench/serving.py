@@ -86,6 +86,11 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
             res["echo"][n] = _rounds(echo_target, sp.target, sizes, concurrency=n, **kw)
             res["server"][n] = res["echo"][n].pop("other")
         stats = batch_stats(sp.metrics_port, sizes.model)
+        n_top = max(sizes.concurrencies)
+        with echo_server("--batching") as floor_target:  # the cost of batching itself on grpc.aio
+            load(floor_target, concurrency=n_top, duration=0, warmup=0, max_requests=4 * n_top, **kw)
+            floor = _rounds(floor_target, echo_target, sizes, concurrency=n_top, **kw)
+            floor_echo = floor.pop("other")
     for n in sizes.concurrencies:
         e, s = res["echo"][n], res["server"][n]
         compute_s, _ = raw_ort_seconds(model_path, min(n, MAX_BATCH), 0.3, shape=sizes.shape)
@@ -103,6 +108,12 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
                         f"compute(batch {min(n, MAX_BATCH)}) {compute_s * 1e3:.3f} ms",
                         extra={"compute_ms": compute_s * 1e3}))
     rows[-1].extra["server_batches"] = stats
+    fr = floor["rps"] / floor_echo["rps"]
+    ours = res["server"][n_top]["rps"] / res["echo"][n_top]["rps"]
+    rows.append(Row("classify", f"requests/s N={n_top}, batching floor (no model) vs echo", floor["rps"],
+                    floor_echo["rps"], fr, "", None, "req/s",
+                    f"bench.echo_server --batching: park + one thread hand-off per batch, nothing else; "
+                    f"our server reaches {ours / fr:.2f}x of this floor", extra={"floor": floor, "echo": floor_echo}))
     return rows
 
 

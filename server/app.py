@@ -8,7 +8,6 @@ import logging
 import signal
 import sqlite3
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -48,12 +47,11 @@ class Server:
         self.audit_port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: list[grpc.aio.Server] = []
-        self._interceptors: list[ErrorInterceptor] = []
+        self._guard = ErrorInterceptor(self.metrics)  # wraps our services' handlers, both ports
         self._http = None
         self._poll_task: asyncio.Task | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
-        self.classify_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ort-classify")
         self.repository = ModelRepository(
             config.repo, device=config.device, intra_op_threads=config.intra_op_threads,
             make_batcher=self._make_batcher, metrics=self.metrics)
@@ -64,15 +62,12 @@ class Server:
     def _make_batcher(self, runtime: ModelRuntime) -> Batcher:
         return Batcher(runtime, max_batch=self.config.max_batch,
                        max_queue_delay_ms=self.config.max_queue_delay_ms,
-                       max_queue=self.config.max_queue, executor=self.classify_executor,
-                       metrics=self.metrics)
+                       max_queue=self.config.max_queue,
+                       metrics=self.metrics, inline_compute_ms=self.config.inline_compute_ms)
 
     def _new_grpc(self) -> grpc.aio.Server:
         limit = self.config.max_message_bytes
-        interceptor = ErrorInterceptor(self.metrics)
-        self._interceptors.append(interceptor)
         return grpc.aio.server(
-            interceptors=[interceptor],
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
@@ -93,9 +88,10 @@ class Server:
         cfg = self.config
         cfg.log(log)
         main = self._new_grpc()
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.dataplane), main)
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane), main)
+        self._guard.add_service(classifier_pb2_grpc.add_ClassifierServicer_to_server,
+                                ClassifierServicer(self.dataplane), main)
+        self._guard.add_service(grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+                                InferenceServicer(self.dataplane), main)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
         names = [CLASSIFIER_SERVICE, INFERENCE_SERVICE, HEALTH_SERVICE,
                  reflection.SERVICE_NAME]
@@ -104,12 +100,12 @@ class Server:
         if self.audits is not None:
             if cfg.audit_port:
                 audit_srv = self._new_grpc()
-                self.audits.add_to_server(audit_srv)
+                self._add_audits(audit_srv)
                 health_pb2_grpc.add_HealthServicer_to_server(self.health, audit_srv)
                 reflection.enable_server_reflection(
                     [AUDIT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], audit_srv)
             else:
-                self.audits.add_to_server(main)
+                self._add_audits(main)
                 names.insert(2, AUDIT_SERVICE)
         reflection.enable_server_reflection(names, main)
         await self._set_health(False)
@@ -132,6 +128,9 @@ class Server:
             await self.reload()
         if cfg.poll_interval_s > 0:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll())
+
+    def _add_audits(self, srv: grpc.aio.Server) -> None:
+        self._guard.add_service(classifier_pb2_grpc.add_AuditServicer_to_server, self.audits.servicer, srv)
 
     def _start_metrics(self, port: int) -> None:
         from prometheus_client import start_http_server
@@ -208,7 +207,7 @@ class Server:
         # Audits stop alongside the drain: running jobs are checkpointed as interrupted, which
         # also ends their WatchAudit streams so they do not hold the drain for the whole grace.
         grpc_stops = [asyncio.ensure_future(srv.stop(grace)) for srv in self._grpc]
-        drained = [i.wait_unary_idle() for i in self._interceptors]
+        drained = [self._guard.wait_unary_idle()]
         if self.audits is not None:
             drained.append(self.audits.stop())
         drain = asyncio.gather(*drained)
@@ -222,7 +221,6 @@ class Server:
         await drain
         await asyncio.gather(*grpc_stops)
         await self.repository.close()
-        self.classify_executor.shutdown(wait=False)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

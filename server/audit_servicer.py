@@ -112,9 +112,6 @@ class AuditService:
         self.servicer = AuditServicer(self.manager, TokenAuth(config.resolved_audit_token()))
         self._grace = config.grace_period_s
 
-    def add_to_server(self, server) -> None:
-        cpb_grpc.add_AuditServicer_to_server(self.servicer, server)
-
     async def start(self) -> None:
         await self.manager.start()
 
@@ -156,9 +153,6 @@ class UnavailableAuditService:
     def __init__(self, reason: str) -> None:
         self.reason = reason
         self.servicer = _UnavailableAuditServicer(reason)
-
-    def add_to_server(self, server) -> None:
-        cpb_grpc.add_AuditServicer_to_server(self.servicer, server)
 
     async def start(self) -> None:
         pass

@@ -3,15 +3,18 @@
 Requests (already validated, float32 ``[n, *input_shape]``) wait in a bounded queue; one worker
 per model takes the first, keeps taking more until ``max_batch`` examples or ``max_queue_delay``
 has passed, runs the concatenation once in an executor and hands each caller its own slice.
-A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails,
-its requests are retried one by one so a single bad request cannot fail its neighbours.
+While a batch computes, the next one keeps filling (``max_inflight`` batches run at once, 1 by
+default), so under load batches grow to what arrived during the previous compute without any
+extra wait. Batches whose expected compute is tiny run on the event loop thread
+(``inline_compute_ms``); the rest in the executor. A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch
+fails, its requests are retried one by one so a single bad request cannot fail its neighbours.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,19 +43,30 @@ class _Item:
 
 class Batcher:
     def __init__(self, runtime: ModelRuntime, *, max_batch: int, max_queue_delay_ms: float,
-                 max_queue: int, executor: Executor, metrics: ServerMetrics) -> None:
+                 max_queue: int, metrics: ServerMetrics, max_inflight: int = 1,
+                 inline_compute_ms: float = 0.0) -> None:
         self.runtime = runtime
+        self.inline_s = inline_compute_ms / 1000.0
+        self._per_example_s: float | None = None  # moving average of ORT seconds per example
         self.max_batch = max_batch
         self.max_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue = max_queue
-        self._executor = executor
-        self._metrics = metrics
+        # One dedicated worker per in-flight batch: a shared pool hands consecutive batches to
+        # different threads, which cost 25% of N=64 throughput in bench/ (2.7k vs 3.5k req/s).
+        self._executor = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix=f"ort-{runtime.name}")
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        self._slots = asyncio.Semaphore(max_inflight)
         self._task: asyncio.Task | None = None
         self._closing = False
         self._carry: _Item | None = None
-        self._taken: list[_Item] = []  # out of the queue, not yet answered
+        self._taken: list[_Item] = []  # out of the queue, batch still being collected
+        self._running: dict[asyncio.Task, list[_Item]] = {}  # dispatched batches
         self._name = runtime.name
+        # Metric children, resolved once (``labels()`` takes a lock and builds a key per call).
+        self._m_depth = metrics.queue_depth.labels(self._name)
+        self._m_queue = metrics.queue_seconds.labels(self._name)
+        self._m_compute = metrics.compute_seconds.labels(self._name)
+        self._m_batch = metrics.batch_size.labels(self._name)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self._name}")
@@ -73,7 +87,7 @@ class Batcher:
             raise QueueFull(
                 f"queue for model {self._name!r} is full ({self.max_queue} requests waiting, "
                 f"--max-queue={self.max_queue}); retry with backoff") from None
-        self._metrics.queue_depth.labels(self._name).set(self._queue.qsize())
+        self._m_depth.set(self._queue.qsize())
         return await item.future
 
     async def close(self, timeout: float = 60.0) -> None:
@@ -83,25 +97,40 @@ class Batcher:
         """
         self._closing = True
         if self._task is None:
+            self._executor.shutdown(wait=False)
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (self._queue.qsize() or self._carry is not None or self._taken) \
+        while (self._queue.qsize() or self._carry is not None or self._taken or self._running) \
                 and not self._task.done() and loop.time() < deadline:
             await asyncio.sleep(0.005)
         self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        running = list(self._running)
+        for t in running:
+            t.cancel()
+        await asyncio.gather(self._task, *running, return_exceptions=True)
         leftovers = list(self._taken) + ([self._carry] if self._carry else [])
+        for items in self._running.values():
+            leftovers += items
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
         for it in leftovers:
             _set(it.future, exc=BatcherClosed(
                 f"model {self._name!r} version {self.runtime.version} was unloaded; retry"))
+        self._executor.shutdown(wait=False)
+
+    def _take(self, items: list[_Item], total: int, item: _Item) -> int | None:
+        """Add ``item`` to the batch; None (and keep it for the next batch) if it does not fit."""
+        if total + item.n > self.max_batch:
+            self._carry = item
+            return None
+        items.append(item)
+        return total + item.n
 
     async def _next_batch(self) -> list[_Item]:
+        """The next batch: wait up to ``max_queue_delay`` for company, then, if the previous
+        batch still computes, keep collecting until it is done (pipelining: batch k+1 fills
+        while batch k runs). Returns holding an in-flight slot."""
         loop = asyncio.get_running_loop()
         first = self._carry if self._carry is not None else await self._queue.get()
         self._carry = None
@@ -119,49 +148,65 @@ class Batcher:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except asyncio.TimeoutError:
                     break
-            if total + item.n > self.max_batch:
-                self._carry = item
+            got = self._take(items, total, item)
+            if got is None:
                 break
-            items.append(item)
-            total += item.n
+            total = got
+        await self._slots.acquire()
+        while total < self.max_batch and self._carry is None and not self._queue.empty():
+            got = self._take(items, total, self._queue.get_nowait())  # arrived during compute
+            if got is None:
+                break
+            total = got
         return items
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                await self._step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("batcher for %s: unexpected error; continuing", self._name)
-
-    async def _step(self) -> None:
-        try:
-            await self._run_batch()
-        except asyncio.CancelledError:
-            raise  # close() answers what was taken
-        except Exception as exc:
-            for it in self._taken:  # nobody waits forever
-                _set(it.future, exc=exc)
-            self._taken = []
-            raise
-        self._taken = []
-
-    async def _run_batch(self) -> None:
         loop = asyncio.get_running_loop()
-        items = await self._next_batch()
-        self._metrics.queue_depth.labels(self._name).set(self._queue.qsize())
+        while True:
+            items = await self._next_batch()  # cancelled by close(), which answers what was taken
+            self._taken = []
+            self._m_depth.set(self._queue.qsize())
+            task = loop.create_task(self._run_batch(items))
+            self._running[task] = items
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        items = self._running.pop(task, [])
+        self._slots.release()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("batcher for %s: unexpected error", self._name, exc_info=exc)
+            for it in items:  # nobody waits forever
+                _set(it.future, exc=exc)
+
+    def inline(self, n: int) -> bool:
+        """Run a batch of ``n`` on the event loop thread? Only when its expected ORT time is
+        under ``inline_compute_ms``: for small models the hand-off to a worker thread and back
+        costs more than the compute (bench/analysis.md). Unknown cost (no batch yet) → worker."""
+        return self._per_example_s is not None and self._per_example_s * n <= self.inline_s
+
+    def _timed_run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        out = self.runtime.run(x)
+        return out, time.perf_counter() - start
+
+    async def _run_batch(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
         live = [it for it in items if not it.future.done()]  # caller may have gone away
         if not live:
             return
         now = time.perf_counter()
         for it in live:
-            self._metrics.queue_seconds.labels(self._name).observe(now - it.enqueued)
+            self._m_queue.observe(now - it.enqueued)
         x = live[0].x if len(live) == 1 else np.concatenate([it.x for it in live])
-        self._metrics.batch_size.labels(self._name).observe(len(x))
-        start = time.perf_counter()
+        self._m_batch.observe(len(x))
         try:
-            logits = await loop.run_in_executor(self._executor, self.runtime.run, x)
+            if self.inline(len(x)):
+                logits, seconds = self._timed_run(x)
+            else:
+                logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, x)
         except Exception as exc:  # noqa: BLE001 - isolate below
             if len(live) == 1:
                 _set(live[0].future, exc=exc)
@@ -176,8 +221,9 @@ class Batcher:
                 else:
                     _set(it.future, result=out)
             return
-        finally:
-            self._metrics.compute_seconds.labels(self._name).observe(time.perf_counter() - start)
+        self._m_compute.observe(seconds)
+        per = seconds / len(x)
+        self._per_example_s = per if self._per_example_s is None else 0.8 * self._per_example_s + 0.2 * per
         offset = 0
         for it in live:
             _set(it.future, result=logits[offset:offset + it.n])

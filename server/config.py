@@ -77,6 +77,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_batch", int, 32, "largest dynamic batch (examples); larger requests are refused"),
     Option("max_queue_delay_ms", float, 2.0, "longest wait to fill a batch, milliseconds"),
     Option("max_queue", int, 256, "requests waiting per model before RESOURCE_EXHAUSTED"),
+    Option("inline_compute_ms", float, 0.0,
+           "run a batch on the event-loop thread when its measured ORT time is below this, ms "
+           "(a thread hand-off costs more than tiny models compute); 0 = always a worker thread"),
     Option("max_message_bytes", int, 16 * MiB, "largest gRPC message accepted or sent, bytes"),
     Option("tls_cert", _opt_path, None, "PEM certificate chain; with --tls-key enables TLS"),
     Option("tls_key", _opt_path, None, "PEM private key for --tls-cert"),
@@ -113,6 +116,7 @@ class ServerConfig:
     max_batch: int = 32
     max_queue_delay_ms: float = 2.0
     max_queue: int = 256
+    inline_compute_ms: float = 0.0
     max_message_bytes: int = 16 * MiB
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -164,7 +168,7 @@ class ServerConfig:
             raise bad("intra_op_threads", "expected >= 0 (0 = ORT decides)")
         if self.max_message_bytes < 1024:
             raise bad("max_message_bytes", "expected >= 1024 bytes")
-        for name in ("max_queue_delay_ms", "grace_period_s", "poll_interval_s"):
+        for name in ("max_queue_delay_ms", "inline_compute_ms", "grace_period_s", "poll_interval_s"):
             if not getattr(self, name) >= 0:
                 raise bad(name, "expected a number >= 0")
         if self.device not in DEVICES:

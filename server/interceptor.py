@@ -1,10 +1,17 @@
-"""The one place where domain errors become gRPC statuses, and where per-RPC metrics are taken."""
+"""The one place where domain errors become gRPC statuses, and where per-RPC metrics are taken.
+
+The wrapping happens once, when a service is registered (``ErrorInterceptor.add_service``), not
+per call: a ``grpc.aio.ServerInterceptor`` runs a coroutine and builds a new method handler for
+every RPC, which halved the requests/s of a no-op server in ``bench/`` (7.0k → 3.8k on 2 cores).
+"""
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -51,16 +58,30 @@ def _check_parsed(request, method: str) -> None:
                            f"({type(request.exc).__name__}: {request.exc})")
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor:
     """Aborts with ``(exc.code, str(exc))`` for ServiceError; INTERNAL (logged) for anything else.
 
     Also counts requests by method/model/code, observes total latency and tracks in-flight RPCs.
+    Register services through :meth:`add_service` so their handlers are wrapped once.
     """
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
         self._unary_inflight = 0
         self._idle: asyncio.Event | None = None
+
+    def add_service(self, add_to_server: Callable[[Any, Any], None], servicer: Any,
+                    server: grpc.aio.Server) -> None:
+        """``add_XServicer_to_server(servicer, server)`` with every method handler wrapped."""
+        capture = _Capture()
+        add_to_server(servicer, capture)
+        if not capture.services:
+            raise RuntimeError(f"{add_to_server.__name__} registered no method handlers "
+                               "(generated stubs older than grpcio 1.62?); regenerate with `make proto`")
+        for service, handlers in capture.services:
+            wrapped = {name: self.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+            server.add_registered_method_handlers(service, wrapped)
 
     async def wait_unary_idle(self) -> None:
         """Return once no unary RPC of ours is being handled (used by the graceful stop)."""
@@ -75,10 +96,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if not self._unary_inflight and self._idle is not None:
             self._idle.set()
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(WRAPPED_PREFIXES):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler of ``method`` (full path) with error mapping and metrics around it."""
+        if not method.startswith(WRAPPED_PREFIXES):
             return handler
         name = _short(method)
         if handler.unary_unary is not None:
@@ -93,62 +113,66 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer)
         return handler
 
-    async def _fail(self, context, exc: BaseException, method: str, start: float) -> None:
+    async def _fail(self, context, exc: BaseException, method: str, start: float, inflight) -> None:
         """Record the RPC, then abort. Metrics come first: abort sends the status at once."""
         if isinstance(exc, ServiceError):
             code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-            self._finish(method, start, code.name)
+            self._finish(method, start, code.name, inflight)
             await context.abort(code, str(exc))
         log.error("unhandled error in %s", method, exc_info=exc)
-        self._finish(method, start, "INTERNAL")
+        self._finish(method, start, "INTERNAL", inflight)
         await context.abort(grpc.StatusCode.INTERNAL,
                             f"internal error in {method}; see the server log")
 
-    def _finish(self, method: str, start: float, code: str) -> None:
-        self._metrics.inflight.labels(method).dec()
+    def _finish(self, method: str, start: float, code: str, inflight) -> None:
+        inflight.dec()
         self._metrics.observe_request(method, current_model.get(), code, time.perf_counter() - start)
 
     def _wrap_unary(self, method: str, behavior):
+        inflight = self._metrics.inflight.labels(method)
+
         async def wrapper(request, context):
             start = time.perf_counter()
-            self._metrics.inflight.labels(method).inc()
+            inflight.inc()
             self._unary_inflight += 1
             try:
                 _check_parsed(request, method)
                 response = await behavior(request, context)
             except asyncio.CancelledError:
-                self._finish(method, start, "CANCELLED")
+                self._finish(method, start, "CANCELLED", inflight)
                 raise
             except grpc.aio.AbortError:  # a handler aborted by itself
-                self._finish(method, start, _code_name(context))
+                self._finish(method, start, _code_name(context), inflight)
                 raise
             except Exception as exc:  # noqa: BLE001 - ServiceError, or INTERNAL
-                await self._fail(context, exc, method, start)
+                await self._fail(context, exc, method, start, inflight)
             else:
-                self._finish(method, start, "OK")
+                self._finish(method, start, "OK", inflight)
                 return response
             finally:
                 self._unary_done()
         return wrapper
 
     def _wrap_stream(self, method: str, behavior):
+        inflight = self._metrics.inflight.labels(method)
+
         async def wrapper(request, context):
             start = time.perf_counter()
-            self._metrics.inflight.labels(method).inc()
+            inflight.inc()
             try:
                 _check_parsed(request, method)
                 async for item in behavior(request, context):
                     yield item
             except (asyncio.CancelledError, GeneratorExit):
-                self._finish(method, start, "CANCELLED")
+                self._finish(method, start, "CANCELLED", inflight)
                 raise
             except grpc.aio.AbortError:
-                self._finish(method, start, _code_name(context))
+                self._finish(method, start, _code_name(context), inflight)
                 raise
             except Exception as exc:  # noqa: BLE001
-                await self._fail(context, exc, method, start)
+                await self._fail(context, exc, method, start, inflight)
             else:
-                self._finish(method, start, "OK")
+                self._finish(method, start, "OK", inflight)
         return wrapper
 
 
@@ -158,3 +182,16 @@ def _code_name(context) -> str:
         return code.name if code is not None else "UNKNOWN"
     except Exception:  # noqa: BLE001
         return "UNKNOWN"
+
+
+class _Capture:
+    """Stands in for the server in a generated ``add_XServicer_to_server``; keeps the handlers."""
+
+    def __init__(self) -> None:
+        self.services: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # the same handlers arrive through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.services.append((service, dict(handlers)))

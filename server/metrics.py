@@ -62,9 +62,16 @@ class ServerMetrics:
             "dcs_audit_logit_evaluations_total",
             "Per-example logit evaluations made by audits.", registry=registry)
 
+        self._request_children: dict[tuple[str, str, str], tuple] = {}
+
     def observe_request(self, method: str, model: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, model, code).inc()
-        self.request_seconds.labels(method, model).observe(seconds)
+        key = (method, model, code)
+        children = self._request_children.get(key)
+        if children is None:  # ``labels()`` takes a lock and builds a key: once per label set
+            children = self._request_children[key] = (self.requests.labels(method, model, code),
+                                                      self.request_seconds.labels(method, model))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def set_model(self, model: str, version: int, sha256: str, provider: str) -> None:
         """Record the serving package of ``model`` (drops the previous version's series)."""

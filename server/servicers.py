@@ -52,12 +52,10 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         logits, served = await self._dp.infer(served, x)
         top = self._dp.top_k(logits, k)
         labels = served.runtime.labels
-        preds = []
-        for i in range(len(logits)):
-            preds.append(cpb.Prediction(top=[
-                cpb.ClassScore(index=int(j), label=labels[int(j)], probability=float(p),
-                               logit=float(z))
-                for j, p, z in zip(top.indices[i], top.probs[i], top.logits[i])]))
+        score = cpb.ClassScore
+        preds = [cpb.Prediction(top=[score(index=j, label=labels[j], probability=p, logit=z)
+                                     for j, p, z in zip(idx, probs, zs)])
+                 for idx, probs, zs in zip(top.indices.tolist(), top.probs.tolist(), top.logits.tolist())]
         return cpb.ClassifyResponse(model=model_ref(served), predictions=preds)
 
     async def ListModels(self, request, context) -> cpb.ListModelsResponse:
