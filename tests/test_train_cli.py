@@ -78,7 +78,7 @@ def test_tiny_run_writes_run_dir_and_loads(tmp_path, capsys):
 def test_pfe_adversarial_run_manifest_fields(tmp_path):
     out = tmp_path / "pfe"
     argv = ["train", *QUICK, "--defense", "pfe", "--pfe-stages", "1,1,1", "--adv-train", "--adv-steps", "2",
-            "--out", str(out)]
+            "--adv-eps-warmup", "1.5", "--out", str(out)]
     assert main(argv) == 0
     from training.runs import load_trained
 
@@ -105,6 +105,15 @@ def test_config_resolution_defaults_and_round_trip():
         TrainConfig.from_dict({"colour": "red"})
     with pytest.raises(ConfigError, match="must equal the sum"):
         TrainConfig.from_dict({"defense": "pfe", "epochs": 5, "pfe_stages": [1, 1, 1]})
+    # ε warm-up: linear from 0 over the given epochs, step size scaled alike, then constant
+    warm = TrainConfig.from_dict({"dataset": "mnist5k", "defense": "advtrain", "adv_steps": 10,
+                                  "adv_eps_warmup": 4}).resolved().adv
+    assert warm.eps_at(0.0) == (0.0, 0.0)
+    assert warm.eps_at(1.0) == pytest.approx((0.075, 0.25 * 0.075))
+    assert warm.eps_at(4.0) == warm.eps_at(9.0) == pytest.approx((0.3, 0.075))
+    assert cfg.adv.eps_at(0.0) == (cfg.adv.eps, cfg.adv.step_size)  # off by default
+    with pytest.raises(ConfigError, match="adv_eps_warmup"):
+        TrainConfig.from_dict({"defense": "advtrain", "adv_eps_warmup": -1})
 
 
 def test_threads_from_env(monkeypatch):

@@ -76,6 +76,8 @@ class AdvTrainSpec:
 
     eps None → 0.3 for MNIST-like data, 0.1 otherwise (the polarizing paper's ε);
     steps 40 and step_size None → 2.5·eps/steps (Madry et al.); random start in the ε-ball.
+    eps_warmup: epochs over which ε (and the step) grow linearly from 0 to eps, per batch; 0 = off.
+    Large-ε training from scratch (MNIST ε=0.3) can sit at chance without it.
     """
 
     enabled: bool = False
@@ -83,10 +85,18 @@ class AdvTrainSpec:
     steps: int = 40
     step_size: float | None = None
     random_start: bool = True
+    eps_warmup: float = 0.0
+
+    def eps_at(self, progress: float) -> tuple[float, float]:
+        """(ε, step size) after ``progress`` epochs of training (resolved spec)."""
+        scale = min(1.0, progress / self.eps_warmup) if self.eps_warmup > 0 else 1.0
+        return float(self.eps) * scale, float(self.step_size) * scale
 
     def validate(self) -> AdvTrainSpec:
         if self.eps is not None and not 0 <= self.eps <= 1:
             raise ConfigError(f"adv_eps must be in [0, 1], got {self.eps}")
+        if not self.eps_warmup >= 0:
+            raise ConfigError(f"adv_eps_warmup must be >= 0 epochs, got {self.eps_warmup}")
         _positive("adv_steps", self.steps)
         if self.step_size is not None:
             _positive("adv_step_size", self.step_size)

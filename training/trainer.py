@@ -270,7 +270,8 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: str | Path, *, resume: bool 
                 idx = perm[b * bs:(b + 1) * bs]
                 xb, yb = xt[idx].to(device), yt[idx].to(device)
                 if cfg.adversarial:
-                    xb = pgd_linf(model, xb, yb, eps=cfg.adv.eps, steps=cfg.adv.steps, step_size=cfg.adv.step_size,
+                    eps, step = cfg.adv.eps_at(epoch + b / n_batches)
+                    xb = pgd_linf(model, xb, yb, eps=eps, steps=cfg.adv.steps, step_size=step,
                                   random_start=cfg.adv.random_start, generator=adv_gen)
                 probe = forward(xb)
                 ce = F.cross_entropy(probe["logits"], yb)

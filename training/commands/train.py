@@ -71,6 +71,7 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--adv-eps", "adv_eps", _opt_float, "adversarial-training eps (0.3 mnist5k, else 0.1)"),
     ("--adv-steps", "adv_steps", _int, "PGD steps (40)"),
     ("--adv-step-size", "adv_step_size", _opt_float, "PGD step (2.5*eps/steps)"),
+    ("--adv-eps-warmup", "adv_eps_warmup", _float, "epochs over which eps ramps up from 0 (0 = off)"),
     ("--epochs", "epochs", _int, "epochs (default 10; pfe: sum of stages, 60)"),
     ("--batch-size", "batch_size", _int, "batch size (64)"),
     ("--lr", "lr", _float, "Adam learning rate (1e-3)"),
