@@ -39,6 +39,9 @@ from robustness.manifest import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 CODE_VERSION = 1  # bump to invalidate every cached step after a change of the pipeline itself
+#: Training options left out of the cache key while off (0/False), so that adding one keeps
+#: existing cached runs valid: (config section, field).
+OFF_OPTIONS = (("adv", "eps_warmup"),)
 
 
 class ReproduceError(Exception):
@@ -117,6 +120,9 @@ def train_step(row: dict, preset: dict, work: Path, steps: Steps, data_cache: di
     cfg = resolved_train_config(row, preset["seed"], preset["threads"])
     cdict = cfg.to_dict()
     cdict.pop("threads")
+    for section, name in OFF_OPTIONS:  # options added later do not invalidate runs that lack them
+        if not cdict[section].get(name):
+            cdict[section].pop(name, None)
     key = config_hash({"train": cdict, "code": CODE_VERSION})
     out = work / "train" / f"{row['id']}-{key}"
     t0 = time.perf_counter()
