@@ -9,6 +9,11 @@ on a future, one task collects the parked requests (up to ``--delay-ms``, like t
 ``--max-queue-delay-ms``), hands the batch to a worker thread that does nothing, and wakes the
 handlers. No model, no validation, no metrics: what is left is the cost of suspending a
 handler and of one thread hand-off per batch.
+
+``--model PATH`` adds the one thing no design can skip: the batch (or, without ``--batching``,
+each request, on the event loop) really runs through ONNX Runtime with 1 intra-op thread. Still
+no validation, no softmax/top-k, no metrics and a fixed response, so it is an upper bound for any
+Python ``grpc.aio`` server that serves this model on the same cores.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 
 from proto import classifier_pb2 as cpb
 from proto import classifier_pb2_grpc as cpb_grpc
@@ -32,8 +38,17 @@ def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
 
 
 class EchoClassifier(cpb_grpc.ClassifierServicer):
-    def __init__(self, batching: bool = False, delay_s: float = 0.002) -> None:
+    def __init__(self, batching: bool = False, delay_s: float = 0.002, model: str = "") -> None:
         self._cache: dict[tuple[int, int], cpb.ClassifyResponse] = {}
+        self._session = None
+        if model:
+            import onnxruntime as ort
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            inp = self._session.get_inputs()[0]
+            self._input = inp.name
+            self._shape = tuple(inp.shape[1:])
         self._batching = batching
         self._delay_s = delay_s
         self._queue: asyncio.Queue | None = None
@@ -52,9 +67,18 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
                 self._queue = asyncio.Queue()
                 loop.create_task(self._collect())
             parked = loop.create_future()
-            self._queue.put_nowait(parked)
+            self._queue.put_nowait((parked, request.images.data))
             await parked
+        elif self._session is not None:
+            self._run([request.images.data])
         return resp
+
+    def _run(self, blobs: list[bytes]) -> int:
+        """Run the model on the concatenated images (no-op without ``--model``)."""
+        if self._session is None:
+            return len(blobs)
+        x = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(-1, *self._shape)
+        return len(self._session.run(None, {self._input: x})[0])
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,16 +90,17 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
                     batch.append(await asyncio.wait_for(self._queue.get(), deadline - loop.time()))
                 except asyncio.TimeoutError:
                     break
-            await loop.run_in_executor(self._pool, len, batch)
-            for parked in batch:
+            await loop.run_in_executor(self._pool, self._run, [data for _, data in batch])
+            for parked, _ in batch:
                 parked.set_result(None)
 
 
-async def serve(port: int, max_message_bytes: int, batching: bool = False, delay_ms: float = 2.0) -> None:
+async def serve(port: int, max_message_bytes: int, batching: bool = False, delay_ms: float = 2.0,
+                model: str = "") -> None:
     opts = [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=opts)
-    cpb_grpc.add_ClassifierServicer_to_server(EchoClassifier(batching, delay_ms / 1000), server)
+    cpb_grpc.add_ClassifierServicer_to_server(EchoClassifier(batching, delay_ms / 1000, model), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     sys.stdout.write(f"READY {bound}\n")
@@ -89,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-message-bytes", type=int, default=16 << 20)
     p.add_argument("--batching", action="store_true", help="park each request until a batch forms")
     p.add_argument("--delay-ms", type=float, default=2.0, help="batch window with --batching")
+    p.add_argument("--model", default="", help="model.onnx to run per batch (per request without "
+                   "--batching): the floor of any design that serves this model")
     args = p.parse_args(argv)
     try:
-        asyncio.run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms))
+        asyncio.run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms, args.model))
     except KeyboardInterrupt:
         pass
     return 0

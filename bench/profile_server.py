@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or work / "server.collapsed"
     with real_server(repo, *args.flags) as sp:
         cmd = [spy, "record", "--pid", str(sp.proc.pid), "--format", "raw", "--rate", "250",
-               "--duration", str(int(args.seconds)), "--output", str(out), "--threads",
-               "--nonblocking"] + (["--idle"] if args.idle else []) + (["--native"] if args.native else [])
+               "--duration", str(int(args.seconds)), "--output", str(out), "--threads"]
+        cmd += ["--idle"] if args.idle else []
+        cmd += ["--native"] if args.native else ["--nonblocking"]  # native needs to pause it
         rec = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         result = {}
         t = threading.Thread(target=lambda: result.update(load(

@@ -4,6 +4,7 @@ Prometheus metrics, repository polling, signals and the bounded graceful stop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sqlite3
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from proto import classifier_pb2_grpc, grpc_predict_v2_pb2_grpc
 from server.batcher import Batcher
 from server.config import ServerConfig
-from server.dataplane import DataPlane
+from server.dataplane import DataPlane, score_batch
 from server.interceptor import ErrorInterceptor
 from server.metrics import ServerMetrics
 from server.repository import ModelRepository
@@ -63,7 +64,8 @@ class Server:
         return Batcher(runtime, max_batch=self.config.max_batch,
                        max_queue_delay_ms=self.config.max_queue_delay_ms,
                        max_queue=self.config.max_queue,
-                       metrics=self.metrics, inline_compute_ms=self.config.inline_compute_ms)
+                       metrics=self.metrics, inline_compute_ms=self.config.inline_compute_ms,
+                       process=functools.partial(score_batch, runtime.run))
 
     def _new_grpc(self) -> grpc.aio.Server:
         limit = self.config.max_message_bytes

@@ -1,21 +1,26 @@
 """Per-model dynamic batching.
 
-Requests (already validated, float32 ``[n, *input_shape]``) wait in a bounded queue; one worker
+Requests (already decoded, float32 ``[n, *input_shape]``) wait in a bounded queue; one worker
 per model takes the first, keeps taking more until ``max_batch`` examples or ``max_queue_delay``
-has passed, runs the concatenation once in an executor and hands each caller its own slice.
+has passed (the window applies under load only: after a batch of a single request the next one
+is dispatched at once, so a lone client never waits for company), runs the concatenation once in an executor through ``process`` (the runtime's
+``run`` by default; the server passes ``dataplane.score_batch`` so ranking and value checks are
+vectorized per batch off the event loop) and hands each caller its own slice of the result.
 While a batch computes, the next one keeps filling (``max_inflight`` batches run at once, 1 by
 default), so under load batches grow to what arrived during the previous compute without any
 extra wait. Batches whose expected compute is tiny run on the event loop thread
-(``inline_compute_ms``); the rest in the executor. A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch
-fails, its requests are retried one by one so a single bad request cannot fail its neighbours.
+(``inline_compute_ms``); the rest in the executor. A full queue is ``QueueFull``
+(RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails, its requests are retried one by one so a single bad request cannot fail its neighbours.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +49,11 @@ class _Item:
 class Batcher:
     def __init__(self, runtime: ModelRuntime, *, max_batch: int, max_queue_delay_ms: float,
                  max_queue: int, metrics: ServerMetrics, max_inflight: int = 1,
-                 inline_compute_ms: float = 0.0) -> None:
+                 inline_compute_ms: float = 0.0,
+                 process: Callable[[np.ndarray], Any] | None = None) -> None:
         self.runtime = runtime
+        #: batch -> result sliceable by rows (``result[a:b]``); runs in the worker thread
+        self._process = process or runtime.run
         self.inline_s = inline_compute_ms / 1000.0
         self._per_example_s: float | None = None  # moving average of ORT seconds per example
         self.max_batch = max_batch
@@ -56,9 +64,11 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix=f"ort-{runtime.name}")
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self._slots = asyncio.Semaphore(max_inflight)
+        self._arrived = asyncio.Event()  # set by submit; wakes a batch that is collecting
         self._task: asyncio.Task | None = None
         self._closing = False
         self._carry: _Item | None = None
+        self._last_items = 0  # requests in the previous batch: > 1 means there is load to wait for
         self._taken: list[_Item] = []  # out of the queue, batch still being collected
         self._running: dict[asyncio.Task, list[_Item]] = {}  # dispatched batches
         self._name = runtime.name
@@ -75,8 +85,10 @@ class Batcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, x: np.ndarray) -> np.ndarray:
-        """Logits for ``x``; raises QueueFull when ``max_queue`` requests are already waiting."""
+    async def submit(self, x: np.ndarray) -> Any:
+        """``process`` output for ``x``'s rows (logits by default).
+
+        Raises QueueFull when ``max_queue`` requests are already waiting."""
         if self._closing:
             raise BatcherClosed(f"model {self._name!r} version {self.runtime.version} is being "
                                 "unloaded; retry")
@@ -87,6 +99,7 @@ class Batcher:
             raise QueueFull(
                 f"queue for model {self._name!r} is full ({self.max_queue} requests waiting, "
                 f"--max-queue={self.max_queue}); retry with backoff") from None
+        self._arrived.set()
         self._m_depth.set(self._queue.qsize())
         return await item.future
 
@@ -128,7 +141,8 @@ class Batcher:
         return total + item.n
 
     async def _next_batch(self) -> list[_Item]:
-        """The next batch: wait up to ``max_queue_delay`` for company, then, if the previous
+        """The next batch: wait up to ``max_queue_delay`` for company (only if the previous batch
+        held more than one request), then, if the previous
         batch still computes, keep collecting until it is done (pipelining: batch k+1 fills
         while batch k runs). Returns holding an in-flight slot."""
         loop = asyncio.get_running_loop()
@@ -136,18 +150,16 @@ class Batcher:
         self._carry = None
         items, total = [first], first.n
         self._taken = items  # the same list: close() sees every item taken so far
-        deadline = loop.time() + self.max_delay_s
+        # Wait for company only under load: after a batch of one request (a lone client, an
+        # idle model) the next goes at once instead of paying the whole window for nothing.
+        deadline = loop.time() + (self.max_delay_s if self._last_items > 1 else 0.0)
         while total < self.max_batch:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+                if loop.time() >= deadline or not await self._arrival(deadline):
                     break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                continue
             got = self._take(items, total, item)
             if got is None:
                 break
@@ -158,7 +170,22 @@ class Batcher:
             if got is None:
                 break
             total = got
+        self._last_items = len(items)
         return items
+
+    async def _arrival(self, deadline: float) -> bool:
+        """Wait until ``submit`` queues something (True) or the loop clock reaches ``deadline``.
+
+        One event and one timer per wait instead of ``wait_for(queue.get())``, which builds a
+        task and a timeout per request (``bench.profile_server``)."""
+        arrived = self._arrived
+        arrived.clear()
+        timer = asyncio.get_running_loop().call_at(deadline, arrived.set)
+        try:
+            await arrived.wait()
+        finally:
+            timer.cancel()
+        return not self._queue.empty()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -187,9 +214,9 @@ class Batcher:
         costs more than the compute (bench/analysis.md). Unknown cost (no batch yet) → worker."""
         return self._per_example_s is not None and self._per_example_s * n <= self.inline_s
 
-    def _timed_run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def _timed_run(self, x: np.ndarray) -> tuple[Any, float]:
         start = time.perf_counter()
-        out = self.runtime.run(x)
+        out = self._process(x)
         return out, time.perf_counter() - start
 
     async def _run_batch(self, items: list[_Item]) -> None:
@@ -204,9 +231,9 @@ class Batcher:
         self._m_batch.observe(len(x))
         try:
             if self.inline(len(x)):
-                logits, seconds = self._timed_run(x)
+                out, seconds = self._timed_run(x)
             else:
-                logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, x)
+                out, seconds = await loop.run_in_executor(self._executor, self._timed_run, x)
         except Exception as exc:  # noqa: BLE001 - isolate below
             if len(live) == 1:
                 _set(live[0].future, exc=exc)
@@ -215,7 +242,7 @@ class Batcher:
                         len(live), self._name, exc)
             for it in live:
                 try:
-                    out = await loop.run_in_executor(self._executor, self.runtime.run, it.x)
+                    out = await loop.run_in_executor(self._executor, self._process, it.x)
                 except Exception as one:  # noqa: BLE001
                     _set(it.future, exc=one)
                 else:
@@ -226,7 +253,7 @@ class Batcher:
         self._per_example_s = per if self._per_example_s is None else 0.8 * self._per_example_s + 0.2 * per
         offset = 0
         for it in live:
-            _set(it.future, result=logits[offset:offset + it.n])
+            _set(it.future, result=out[offset:offset + it.n])
             offset += it.n
 
 

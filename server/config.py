@@ -75,7 +75,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", str, "auto", "ONNX Runtime device", choices=DEVICES),
     Option("intra_op_threads", int, 0, "ORT intra-op threads per classify session; 0 = ORT decides"),
     Option("max_batch", int, 32, "largest dynamic batch (examples); larger requests are refused"),
-    Option("max_queue_delay_ms", float, 2.0, "longest wait to fill a batch, milliseconds"),
+    Option("max_queue_delay_ms", float, 2.0, "longest wait to fill a batch, milliseconds; applied "
+           "under load only (after a batch of one request the next goes at once)"),
     Option("max_queue", int, 256, "requests waiting per model before RESOURCE_EXHAUSTED"),
     Option("inline_compute_ms", float, 0.0,
            "run a batch on the event-loop thread when its measured ORT time is below this, ms "

@@ -5,6 +5,7 @@ Servicers translate protobuf to these calls and back; nothing here knows about g
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,46 @@ class TopK:
     indices: np.ndarray  # [N, k] int
     probs: np.ndarray    # [N, k] float32
     logits: np.ndarray   # [N, k] float32
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A batch's model output, post-processed once per batch in the model's worker thread.
+
+    Ranking and the [0, 1] check are vectorized over the whole batch there instead of costing
+    numpy calls per request on the event loop (bench/analysis.md). ``scored[a:b]`` is one
+    request's rows (views, no copy).
+    """
+    logits: np.ndarray         # [N, C] float32, as the model returned them
+    order: np.ndarray          # [N, C] class indices by descending probability (stable)
+    probs: np.ndarray          # [N, C] float32 probabilities in that order
+    ranked_logits: np.ndarray  # [N, C] float32 logits in that order
+    in_range: np.ndarray       # [N] bool: the input row was finite and within [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def __getitem__(self, rows: slice) -> Scored:
+        return Scored(self.logits[rows], self.order[rows], self.probs[rows],
+                      self.ranked_logits[rows], self.in_range[rows])
+
+    def top(self, k: int) -> TopK:
+        """The ``k`` most probable classes of every row (``k`` clipped to [1, C])."""
+        k = max(1, min(int(k), self.logits.shape[1]))
+        return TopK(self.order[:, :k], self.probs[:, :k], self.ranked_logits[:, :k])
+
+
+def score_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> Scored:
+    """Run the model on ``x`` and rank every row's classes; flags rows outside [0, 1] or NaN."""
+    flat = x.reshape(len(x), -1)
+    in_range = (flat.min(axis=1) >= 0.0) & (flat.max(axis=1) <= 1.0)  # NaN fails both
+    logits = np.asarray(run(x), dtype=np.float32)
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    order = np.argsort(-p, axis=1, kind="stable")
+    return Scored(logits, order, np.take_along_axis(p, order, 1),
+                  np.take_along_axis(logits, order, 1), in_range)
 
 
 class DataPlane:
@@ -72,8 +113,12 @@ class DataPlane:
 
     # validation -------------------------------------------------------------------------------
     def decode(self, served: Served, *, dtype: str, shape: list[int], data: bytes,
-               field: str = "images") -> np.ndarray:
-        """Bytes + shape + dtype → float32 ``[N, *input_shape]`` in [0, 1], or InvalidInput."""
+               field: str = "images", check_values: bool = True) -> np.ndarray:
+        """Bytes + shape + dtype → float32 ``[N, *input_shape]``, or InvalidInput.
+
+        FLOAT32 values are checked to be in [0, 1] here unless ``check_values`` is False: then
+        the caller goes through :meth:`infer`, whose batch worker checks them (``Scored``).
+        """
         want = served.runtime.input_shape
         spec = f"[N, {', '.join(map(str, want))}] or [{', '.join(map(str, want))}]"
         if dtype not in DTYPES:
@@ -104,7 +149,8 @@ class DataPlane:
         x = np.frombuffer(data, dtype=np_dtype).reshape(shape)
         if scale != 1.0:
             return x.astype(np.float32) * np.float32(scale)  # UINT8 is always in range
-        return self.check_values(x, field)  # FLOAT32: no copy; ORT reads the request buffer
+        # FLOAT32: no copy; ORT (or the batch concatenation) reads the request buffer
+        return self.check_values(x, field) if check_values else x
 
     def check_values(self, x: np.ndarray, field: str = "images") -> np.ndarray:
         """``x`` as contiguous float32 if every value is finite and in [0, 1], else InvalidInput.
@@ -125,30 +171,27 @@ class DataPlane:
                            f"(FLOAT32) or 0..255 (UINT8)")
 
     # inference --------------------------------------------------------------------------------
-    async def infer(self, served: Served, x: np.ndarray) -> tuple[np.ndarray, Served]:
-        """Logits for ``x`` and the package that computed them.
+    async def infer(self, served: Served, x: np.ndarray, field: str = "images") -> tuple[Scored, Served]:
+        """Scored model output for ``x`` and the package that computed it.
 
-        If a hot reload swapped the model between lookup and submit, the request goes to the new
-        version (same input spec required) instead of failing.
+        Rows outside [0, 1] (checked in the batch worker) raise InvalidInput naming ``field``;
+        their neighbours in the batch are unaffected. If a hot reload swapped the model between
+        lookup and submit, the request goes to the new version (same input spec required)
+        instead of failing.
         """
         try:
-            return await served.batcher.submit(x), served
+            scored = await served.batcher.submit(x)
         except BatcherClosed:
             current = self.repository.get(served.runtime.name)
             if current is None or current is served or \
                     current.runtime.input_shape != served.runtime.input_shape:
                 raise
-            return await current.batcher.submit(x), current
-
-    @staticmethod
-    def top_k(logits: np.ndarray, k: int) -> TopK:
-        k = max(1, min(int(k), logits.shape[1]))
-        z = logits - logits.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
-        rows = np.arange(len(logits))[:, None]
-        return TopK(idx, p[rows, idx].astype(np.float32), logits[rows, idx].astype(np.float32))
+            served = current
+            scored = await current.batcher.submit(x)
+        if not scored.in_range.all():
+            self.check_values(x, field)  # raises with the detailed message
+            raise InvalidInput(f"{field} values are outside [0, 1]")  # unreachable in practice
+        return scored, served
 
     def resolve_top_k(self, requested: int, served: Served) -> int:
         if requested < 0:

@@ -47,10 +47,10 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         served = self._dp.get_model(request.model, request.version)
         images = request.images
         x = self._dp.decode(served, dtype=_DTYPE_NAMES.get(images.dtype, ""),
-                            shape=list(images.shape), data=images.data)
+                            shape=list(images.shape), data=images.data, check_values=False)
         k = self._dp.resolve_top_k(request.top_k, served)
-        logits, served = await self._dp.infer(served, x)
-        top = self._dp.top_k(logits, k)
+        scored, served = await self._dp.infer(served, x)
+        top = scored.top(k)
         labels = served.runtime.labels
         score = cpb.ClassScore
         preds = [cpb.Prediction(top=[score(index=j, label=labels[j], probability=p, logit=z)
@@ -142,7 +142,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInput("inputs[0].contents.uint_contents has values outside 0..255 for UINT8")
             data = values.astype(np.uint8).tobytes()
         x = self._dp.decode(served, dtype=dtype, shape=list(tensor.shape), data=data,
-                            field="inputs[0]")
+                            field="inputs[0]", check_values=False)
         wanted: list[tuple[str, int]] = []  # (name, classification k or 0)
         for i, out in enumerate(request.outputs):
             if out.name != LOGITS_NAME:
@@ -158,7 +158,8 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
             wanted.append((out.name, k))
         if not wanted:
             wanted = [(LOGITS_NAME, 0)]
-        logits, served = await self._dp.infer(served, x)
+        scored, served = await self._dp.infer(served, x, field="inputs[0]")
+        logits = scored.logits
         rt = served.runtime
         outputs, raws = [], []
         for name, k in wanted:
@@ -168,7 +169,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
                 raws.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
             else:
                 k = min(k, logits.shape[1])
-                top = self._dp.top_k(logits, k)
+                top = scored.top(k)
                 # Triton's format: "<value>:<index>:<label>", value = the output tensor's value.
                 items = [f"{top.logits[i, j]:f}:{int(top.indices[i, j])}:"
                          f"{rt.labels[int(top.indices[i, j])]}".encode()

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.batcher import Batcher, BatcherClosed
+from server.dataplane import score_batch
 from server.errors import QueueFull
 from server.metrics import ServerMetrics
 
@@ -119,3 +120,78 @@ def test_close_answers_queued_requests_and_refuses_new_ones():
     results = asyncio.run(main())
     assert all(isinstance(r, np.ndarray) for r in results)  # drained, not dropped
     assert sum(rt.batches) == 12 and max(rt.batches) <= 8
+
+
+def test_score_batch_ranks_like_a_softmax_sort_and_flags_bad_rows():
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 1, 3, 3), dtype=np.float32)
+    x[1, 0, 0, 0] = np.nan
+    x[3, 0, 2, 2] = 1.01
+    x[4, 0, 1, 1] = -1e-6
+    w = rng.normal(size=(9, 7)).astype(np.float32)
+    logits = np.nan_to_num(x.reshape(6, -1)) @ w
+    logits[5] = [0, 2, 2, -1, 2, 0, 0]  # ties keep class order
+    scored = score_batch(lambda _: logits, x)
+    assert scored.in_range.tolist() == [True, False, True, False, False, True]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    for i in range(6):
+        want = sorted(range(7), key=lambda j: (-p[i, j], j))
+        assert scored.order[i].tolist() == want
+        assert scored.probs[i] == pytest.approx(p[i, want], abs=1e-6)
+        assert scored.ranked_logits[i] == pytest.approx(logits[i, want])
+    assert scored.order[5, :3].tolist() == [1, 2, 4]
+    top = scored[2:4].top(3)  # one request's rows: views of the batch
+    assert top.indices.shape == (2, 3) and top.indices.tolist() == scored.order[2:4, :3].tolist()
+    assert scored.top(99).indices.shape == (6, 7) and scored.top(0).indices.shape == (6, 1)
+
+
+def test_process_runs_once_per_batch_and_each_caller_gets_its_rows():
+    rt = FakeRuntime(seconds=0.05)
+    calls: list[int] = []
+
+    def process(x):
+        calls.append(len(x))
+        return score_batch(rt.run, x)
+
+    async def main():
+        b = _batcher(rt, process=process)
+        b.start()
+        first = asyncio.ensure_future(b.submit(_x(0.1)))
+        await asyncio.sleep(0.02)
+        rest = [asyncio.ensure_future(b.submit(np.full((2, 2), 0.1 * i, np.float32)))
+                for i in range(2, 5)]
+        out = await asyncio.gather(first, *rest)
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert calls == [1, 6]  # the three later requests (2 rows each) share one batch
+    assert [len(o) for o in out] == [1, 2, 2, 2]
+    for i, o in zip([1, 2, 3, 4], out):
+        assert o.logits == pytest.approx(np.full((len(o), 2), 0.2 * i, np.float32))
+
+
+def test_window_applies_under_load_only():
+    """A lone request after a batch of one goes at once; after a batch of several the next batch
+    waits (up to ``max_queue_delay``) for company."""
+    rt = FakeRuntime()
+
+    async def main():
+        b = _batcher(rt, max_queue_delay_ms=1000.0)
+        b.start()
+        start = time.perf_counter()
+        await b.submit(_x(1))          # idle model: no window
+        await b.submit(_x(2))          # previous batch held one request: no window either
+        lone = time.perf_counter() - start
+        pair = [asyncio.ensure_future(b.submit(_x(i))) for i in (3, 4)]
+        await asyncio.gather(*pair)    # (queued together: one batch of two)
+        late = asyncio.ensure_future(b.submit(_x(5)))
+        await asyncio.sleep(0.1)       # under load now: batch [5] waits for company...
+        await asyncio.gather(late, b.submit(_x(6)))  # ...and takes 6 along
+        await b.close()
+        return lone
+
+    lone = asyncio.run(main())
+    assert lone < 0.5, lone            # far below the 1 s window
+    assert rt.batches == [1, 1, 2, 2]

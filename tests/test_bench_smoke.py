@@ -32,3 +32,5 @@ def test_bench_smoke(tmp_path):
     assert not [r for r in data["rows"] if r["figure"] == "benchmark raised"], data["rows"]
     rps = [r for r in data["rows"] if r["bench"] == "classify" and r["unit"] == "req/s"]
     assert rps and all(r["value"] > 0 and r["reference"] > 0 for r in rps)
+    floors = [r["figure"] for r in rps if "floor" in r["figure"]]
+    assert any("batching floor" in f for f in floors) and any("model floor" in f for f in floors)

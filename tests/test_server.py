@@ -199,6 +199,29 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, st
     assert count < 64 and singles < count, (count, singles)  # some batches held > 1 example
 
 
+def test_bad_values_checked_in_the_batch_fail_alone_and_neighbours_are_answered(server, stub,
+                                                                               digits_repo):
+    """Value checks run per batch in the worker: a NaN or out-of-range image that shares a batch
+    with good ones gets INVALID_ARGUMENT; the good ones get the model's answer."""
+    xs = [images(None, seed=300 + i) for i in range(24)]
+    bad = {5: np.nan, 11: 1.5, 17: -0.25}
+    for i, v in bad.items():
+        xs[i] = xs[i].copy()
+        xs[i][0, 3, 4] = v
+    want = reference_logits(digits_repo, np.stack(xs))
+    futures = [stub.Classify.future(cpb.ClassifyRequest(model=MODEL, images=tensor(x), top_k=10),
+                                    timeout=20) for x in xs]
+    for i, f in enumerate(futures):
+        if i in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                f.result()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert ("NaN/Inf" if i == 5 else "expected [0, 1]") in err.value.details()
+        else:
+            got = {t.index: t.logit for t in f.result().predictions[0].top}
+            assert [got[j] for j in range(10)] == pytest.approx(want[i], abs=1e-4)
+
+
 def test_queue_overflow_is_resource_exhausted_not_a_hang(digits_repo):
     with InProcessServer(digits_repo, max_batch=1, max_queue=2, max_queue_delay_ms=0) as srv:
         served = srv.server.repository.get(MODEL)
