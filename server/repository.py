@@ -23,7 +23,7 @@ from server.runtime import ModelRuntime, fingerprint
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: hashable, so per-package caches can key on it
 class Served:
     runtime: ModelRuntime
     batcher: Batcher

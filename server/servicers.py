@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import struct
+import weakref
 
 import numpy as np
 
@@ -30,6 +31,18 @@ def model_ref(served: Served) -> cpb.ModelRef:
     return cpb.ModelRef(name=rt.name, version=rt.version, sha256=rt.sha256, provider=rt.provider)
 
 
+_REFS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Served -> ModelRef
+
+
+def served_ref(served: Served) -> cpb.ModelRef:
+    """``model_ref`` built once per loaded package (upb copies it into each response); the entry
+    goes with the package on unload."""
+    ref = _REFS.get(served)
+    if ref is None:
+        ref = _REFS[served] = model_ref(served)
+    return ref
+
+
 def model_summary(served: Served, ready: bool) -> cpb.ModelSummary:
     rt = served.runtime
     defense = rt.manifest.get("defense", {})
@@ -52,11 +65,13 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         scored, served = await self._dp.infer(served, x)
         top = scored.top(k)
         labels = served.runtime.labels
-        score = cpb.ClassScore
-        preds = [cpb.Prediction(top=[score(index=j, label=labels[j], probability=p, logit=z)
-                                     for j, p, z in zip(idx, probs, zs)])
-                 for idx, probs, zs in zip(top.indices.tolist(), top.probs.tolist(), top.logits.tolist())]
-        return cpb.ClassifyResponse(model=model_ref(served), predictions=preds)
+        # add() on the repeated fields builds in place: half the cost of nested constructors
+        response = cpb.ClassifyResponse(model=served_ref(served))
+        for idx, probs, zs in zip(top.indices.tolist(), top.probs.tolist(), top.logits.tolist()):
+            scores = response.predictions.add().top
+            for j, p, z in zip(idx, probs, zs):
+                scores.add(index=j, label=labels[j], probability=p, logit=z)
+        return response
 
     async def ListModels(self, request, context) -> cpb.ListModelsResponse:
         repo = self._dp.repository
