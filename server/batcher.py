@@ -68,7 +68,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._carry: _Item | None = None
-        self._last_items = 0  # requests in the previous batch: > 1 means there is load to wait for
+        # Requests in the previous batch: > 1 means there is load worth waiting for. With no
+        # history yet the first batch uses the configured window, as the operator asked.
+        self._last_items = 2
         self._taken: list[_Item] = []  # out of the queue, batch still being collected
         self._running: dict[asyncio.Task, list[_Item]] = {}  # dispatched batches
         self._name = runtime.name

@@ -180,9 +180,12 @@ def test_window_applies_under_load_only():
     async def main():
         b = _batcher(rt, max_queue_delay_ms=1000.0)
         b.start()
+        await asyncio.gather(b.submit(_x(0)), b.submit(_x(0.5)))  # no history: the window
         start = time.perf_counter()
-        await b.submit(_x(1))          # idle model: no window
-        await b.submit(_x(2))          # previous batch held one request: no window either
+        await b.submit(_x(1))          # previous batch held two: the window applies...
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        await b.submit(_x(2))          # ...but this one follows a batch of one: no window
         lone = time.perf_counter() - start
         pair = [asyncio.ensure_future(b.submit(_x(i))) for i in (3, 4)]
         await asyncio.gather(*pair)    # (queued together: one batch of two)
@@ -190,8 +193,8 @@ def test_window_applies_under_load_only():
         await asyncio.sleep(0.1)       # under load now: batch [5] waits for company...
         await asyncio.gather(late, b.submit(_x(6)))  # ...and takes 6 along
         await b.close()
-        return lone
+        return first, lone
 
-    lone = asyncio.run(main())
-    assert lone < 0.5, lone            # far below the 1 s window
-    assert rt.batches == [1, 1, 2, 2]
+    first, lone = asyncio.run(main())
+    assert first >= 0.9 and lone < 0.5, (first, lone)  # the 1 s window, then none
+    assert rt.batches == [2, 1, 1, 2, 2]
