@@ -116,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=2.0, help="batch window with --batching")
     p.add_argument("--model", default="", help="model.onnx to run per batch (per request without "
                    "--batching): the floor of any design that serves this model")
+    p.add_argument("--event-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                   help="same choice as the server's (auto = uvloop when installed), so the "
+                   "reference runs on the loop the server runs on")
     args = p.parse_args(argv)
+    from server.__main__ import loop_factory, run
     try:
-        asyncio.run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms, args.model))
+        run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms, args.model),
+            loop_factory(args.event_loop)[1])
     except KeyboardInterrupt:
         pass
     return 0

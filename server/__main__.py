@@ -4,8 +4,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 
 from server.config import ConfigError, build_parser, load_config
+
+log = logging.getLogger("server")
+
+
+def loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The event loop ``--event-loop`` asks for, as (name, factory). ``auto`` takes uvloop when
+    it is installed (the ``server`` extra installs it on Linux and macOS), else asyncio's."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("--event-loop=uvloop: uvloop is not installed "
+                                  "(pip install uvloop, or use --event-loop asyncio)") from None
+        else:
+            return "uvloop", uvloop.new_event_loop
+    return "asyncio", asyncio.new_event_loop
+
+
+def run(coro, factory: Callable[[], asyncio.AbstractEventLoop]):
+    """``asyncio.run`` on a loop from ``factory`` (``asyncio.Runner`` needs Python 3.11)."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+    loop = factory()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     try:
         config = load_config(argv)
+        loop_name, factory = loop_factory(config.event_loop)
     except ConfigError as exc:
         build_parser().print_usage(sys.stderr)
         print(f"dcs-server: error: {exc}", file=sys.stderr)
@@ -22,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.app import serve
 
+    log.info("event loop: %s", loop_name)
     try:
-        return asyncio.run(serve(config))
+        return run(serve(config), factory)
     except OSError as exc:
-        logging.getLogger("server").error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)
         return 1
 
 

@@ -162,6 +162,34 @@ def test_config_precedence_and_errors(tmp_path, digits_repo):
         load_config(["--config", str(tmp_path / "bad.yaml")], {})
     with pytest.raises(ConfigError, match="--repo is required"):
         load_config([], {})
+    with pytest.raises(ConfigError, match="--event-loop='tokio' .from env.: expected one of auto"):
+        load_config(["--repo", str(digits_repo)], {"DCS_EVENT_LOOP": "tokio"})
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_each_event_loop_serves_and_stops_cleanly(digits_repo, tmp_path, loop):
+    """``--event-loop``: both loops classify, drain on SIGTERM and exit 0; the log names the
+    loop in use. (The default, ``auto``, is uvloop wherever the server extra installed it.)"""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    sp = start_server_process(digits_repo, "--event-loop", loop, log_dir=tmp_path)
+    with sp, grpc.insecure_channel(sp.target) as ch:
+        x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
+        resp = cpb_grpc.ClassifierStub(ch).Classify(cpb.ClassifyRequest(
+            model=MODEL, images=cpb.Tensor(dtype=cpb.FLOAT32, shape=x.shape, data=x.tobytes())),
+            timeout=10)
+        assert len(resp.predictions) == 3
+        assert sp.stop(timeout=20) == 0
+    assert f"event loop: {loop}" in sp.logs()
+
+
+def test_default_event_loop_is_uvloop_when_installed(proc_server):
+    try:
+        import uvloop  # noqa: F401
+        want = "uvloop"
+    except ImportError:
+        want = "asyncio"
+    assert f"event loop: {want}" in proc_server.logs()
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
