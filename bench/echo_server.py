@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=2.0, help="batch window with --batching")
     p.add_argument("--model", default="", help="model.onnx to run per batch (per request without "
                    "--batching): the floor of any design that serves this model")
-    p.add_argument("--event-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
-                   help="same choice as the server's (auto = uvloop when installed), so the "
-                   "reference runs on the loop the server runs on")
+    p.add_argument("--event-loop", default="asyncio", choices=("auto", "uvloop", "asyncio"),
+                   help="same choice and default as the server's, so the reference runs on the "
+                   "loop the server runs on")
     args = p.parse_args(argv)
     from server.__main__ import loop_factory, run
     try:

@@ -130,7 +130,27 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
                         f"bench.echo_server {' '.join(f for f in flags if f != '{model}')}: {what}; "
                         f"our server reaches {ours / fr:.2f}x of this floor",
                         extra={"floor": floor, "echo": floor_echo}))
+    rows += bench_uvloop(repo, sizes, n_top, kw)
     return rows
+
+
+def bench_uvloop(repo: Path, sizes: Sizes, n: int, kw: dict) -> list[Row]:
+    """``--event-loop uvloop`` on both sides: what the optional loop buys, and what the echo gains."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return [Row("classify", f"requests/s N={n}, server and echo on uvloop", None, None, None,
+                    "", None, "req/s", "uvloop not installed")]
+    flag = ("--event-loop", "uvloop")
+    with echo_server(*flag) as echo_target, real_server(repo, *flag) as sp:
+        for target in (echo_target, sp.target):
+            load(target, concurrency=n, duration=0, warmup=0, max_requests=4 * n, **kw)
+        res = _rounds(sp.target, echo_target, sizes, concurrency=n, **kw)
+    echo = res.pop("other")
+    return [Row("classify", f"requests/s N={n}, server and echo on uvloop", res["rps"], echo["rps"],
+                res["rps"] / echo["rps"], "", None, "req/s",
+                f"p99 {res['p99_ms']:.2f} vs echo {echo['p99_ms']:.2f} ms; compare the absolute "
+                "req/s with the asyncio row above", extra={"server": res, "echo": echo})]
 
 
 def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:

@@ -13,7 +13,8 @@ log = logging.getLogger("server")
 
 def loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
     """The event loop ``--event-loop`` asks for, as (name, factory). ``auto`` takes uvloop when
-    it is installed (the ``server`` extra installs it on Linux and macOS), else asyncio's."""
+    it is installed (the ``server`` extra installs it on Linux and macOS), else asyncio's; the
+    default is asyncio's, the loop grpc.aio is tested on."""
     if choice in ("auto", "uvloop"):
         try:
             import uvloop

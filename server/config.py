@@ -99,8 +99,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_audit_queries", int, 50_000_000,
            "per-example model queries (logits) per audit job; bounds score-only attacks"),
     Option("audit_threads", int, 1, "ORT intra-op threads per audit job session"),
-    Option("event_loop", str, "auto", "asyncio event loop: uvloop (libuv, about 15 percent more "
-           "classify throughput in bench/), asyncio, or auto = uvloop when installed", choices=EVENT_LOOPS),
+    Option("event_loop", str, "asyncio", "event loop: asyncio (the loop gRPC tests grpc.aio on), "
+           "uvloop (libuv; more classify throughput in bench/, less tested with grpc.aio), or "
+           "auto = uvloop when installed", choices=EVENT_LOOPS),
     Option("log_level", str, "info", "logging level", choices=LOG_LEVELS),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -136,7 +137,7 @@ class ServerConfig:
     max_audit_gradients: int = 5_000_000
     max_audit_queries: int = 50_000_000
     audit_threads: int = 1
-    event_loop: str = "auto"
+    event_loop: str = "asyncio"
     log_level: str = "info"
     config_file: Path | None = None
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)

@@ -169,7 +169,7 @@ def test_config_precedence_and_errors(tmp_path, digits_repo):
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_each_event_loop_serves_and_stops_cleanly(digits_repo, tmp_path, loop):
     """``--event-loop``: both loops classify, drain on SIGTERM and exit 0; the log names the
-    loop in use. (The default, ``auto``, is uvloop wherever the server extra installed it.)"""
+    loop in use."""
     if loop == "uvloop":
         pytest.importorskip("uvloop")
     sp = start_server_process(digits_repo, "--event-loop", loop, log_dir=tmp_path)
@@ -183,13 +183,8 @@ def test_each_event_loop_serves_and_stops_cleanly(digits_repo, tmp_path, loop):
     assert f"event loop: {loop}" in sp.logs()
 
 
-def test_default_event_loop_is_uvloop_when_installed(proc_server):
-    try:
-        import uvloop  # noqa: F401
-        want = "uvloop"
-    except ImportError:
-        want = "asyncio"
-    assert f"event loop: {want}" in proc_server.logs()
+def test_default_event_loop_is_asyncio(proc_server):
+    assert "event loop: asyncio" in proc_server.logs()
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
