@@ -27,6 +27,7 @@ import numpy as np
 
 from proto import classifier_pb2 as cpb
 from proto import classifier_pb2_grpc as cpb_grpc
+from server.config import EVENT_LOOPS
 
 
 def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=2.0, help="batch window with --batching")
     p.add_argument("--model", default="", help="model.onnx to run per batch (per request without "
                    "--batching): the floor of any design that serves this model")
-    p.add_argument("--event-loop", default="asyncio", choices=("auto", "uvloop", "asyncio"),
+    p.add_argument("--event-loop", default="asyncio", choices=EVENT_LOOPS,
                    help="same choice and default as the server's, so the reference runs on the "
                    "loop the server runs on")
     args = p.parse_args(argv)

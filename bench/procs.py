@@ -53,6 +53,12 @@ def echo_server(*flags: str) -> Iterator[str]:
             proc.wait(timeout=10)
 
 
+def warm(target: str, concurrency: int, **kw) -> None:
+    """Open the channel and run each server path once before measuring (max(50, 4N) requests)."""
+    load(target, concurrency=concurrency, duration=0, warmup=0,
+         max_requests=max(50, 4 * concurrency), **kw)
+
+
 def load(target: str, *, concurrency: int, duration: float, warmup: float, batch: int = 1,
          model: str = "pfe", shape: tuple[int, ...] = (1, 28, 28), top_k: int = 5,
          dtype: str = "float32", processes: int = 1, max_requests: int = 0,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Row, Sizes
-from bench.procs import batch_stats, echo_server, load, real_server
+from bench.procs import batch_stats, echo_server, load, real_server, warm
 
 log = logging.getLogger("bench.serving")
 MAX_BATCH = 32  # the server's default --max-batch
@@ -90,8 +90,7 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
     with echo_server() as echo_target, real_server(repo) as sp:
         for n in sizes.concurrencies:
             for side, target in (("echo", echo_target), ("server", sp.target)):
-                load(target, concurrency=n, duration=0, warmup=0, max_requests=max(50, 4 * n),
-                     **kw)  # warm the channel and the server's paths
+                warm(target, n, **kw)
             res["echo"][n] = _rounds(echo_target, sp.target, sizes, concurrency=n, **kw)
             res["server"][n] = res["echo"][n].pop("other")
         stats = batch_stats(sp.metrics_port, sizes.model)
@@ -100,8 +99,7 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
         for name, flags in FLOORS:
             flags = tuple(str(model_path) if f == "{model}" else f for f in flags)
             with echo_server(*flags) as floor_target:
-                load(floor_target, concurrency=n_top, duration=0, warmup=0, max_requests=4 * n_top,
-                     **kw)
+                warm(floor_target, n_top, **kw)
                 floors[name] = _rounds(floor_target, echo_target, sizes, concurrency=n_top, **kw)
     for n in sizes.concurrencies:
         e, s = res["echo"][n], res["server"][n]
@@ -144,7 +142,7 @@ def bench_uvloop(repo: Path, sizes: Sizes, n: int, kw: dict) -> list[Row]:
     flag = ("--event-loop", "uvloop")
     with echo_server(*flag) as echo_target, real_server(repo, *flag) as sp:
         for target in (echo_target, sp.target):
-            load(target, concurrency=n, duration=0, warmup=0, max_requests=4 * n, **kw)
+            warm(target, n, **kw)
         res = _rounds(sp.target, echo_target, sizes, concurrency=n, **kw)
     echo = res.pop("other")
     return [Row("classify", f"requests/s N={n}, server and echo on uvloop", res["rps"], echo["rps"],
@@ -193,7 +191,7 @@ def bench_batching(repo: Path, sizes: Sizes) -> list[Row]:
     with real_server(repo, "--max-batch", str(MAX_BATCH)) as on, \
             real_server(repo, "--max-batch", "1") as off:
         for sp in (on, off):
-            load(sp.target, concurrency=64, duration=0, warmup=0, max_requests=256, **kw)
+            warm(sp.target, 64, **kw)
         res = _rounds(on.target, off.target, sizes, concurrency=64, **kw)
         res = {"off": res.pop("other"), "on": res}
         stats = {"on": batch_stats(on.metrics_port, sizes.model),

@@ -3,14 +3,15 @@
 Requests (already decoded, float32 ``[n, *input_shape]``) wait in a bounded queue; one worker
 per model takes the first, keeps taking more until ``max_batch`` examples or ``max_queue_delay``
 has passed (the window applies under load only: after a batch of a single request the next one
-is dispatched at once, so a lone client never waits for company), runs the concatenation once in an executor through ``process`` (the runtime's
-``run`` by default; the server passes ``dataplane.score_batch`` so ranking and value checks are
-vectorized per batch off the event loop) and hands each caller its own slice of the result.
-While a batch computes, the next one keeps filling (``max_inflight`` batches run at once, 1 by
-default), so under load batches grow to what arrived during the previous compute without any
-extra wait. Batches whose expected compute is tiny run on the event loop thread
-(``inline_compute_ms``); the rest in the executor. A full queue is ``QueueFull``
-(RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails, its requests are retried one by one so a single bad request cannot fail its neighbours.
+is dispatched at once, so a lone client never waits for company), runs the concatenation once
+in an executor through ``process`` (the runtime's ``run`` by default; the server passes
+``dataplane.score_batch`` so ranking and value checks are vectorized per batch off the event
+loop) and hands each caller its own slice of the result. While a batch computes, the next one
+keeps filling (``max_inflight`` batches run at once, 1 by default), so under load batches grow
+to what arrived during the previous compute without any extra wait. Batches whose expected
+compute is tiny run on the event loop thread (``inline_compute_ms``); the rest in the executor.
+A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails, its
+requests are retried one by one so a single bad request cannot fail its neighbours.
 """
 from __future__ import annotations
 
@@ -144,9 +145,9 @@ class Batcher:
 
     async def _next_batch(self) -> list[_Item]:
         """The next batch: wait up to ``max_queue_delay`` for company (only if the previous batch
-        held more than one request), then, if the previous
-        batch still computes, keep collecting until it is done (pipelining: batch k+1 fills
-        while batch k runs). Returns holding an in-flight slot."""
+        held more than one request), then, if the previous batch still computes, keep collecting
+        until it is done (pipelining: batch k+1 fills while batch k runs). Returns holding an
+        in-flight slot."""
         loop = asyncio.get_running_loop()
         first = self._carry if self._carry is not None else await self._queue.get()
         self._carry = None

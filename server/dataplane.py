@@ -113,11 +113,11 @@ class DataPlane:
 
     # validation -------------------------------------------------------------------------------
     def decode(self, served: Served, *, dtype: str, shape: list[int], data: bytes,
-               field: str = "images", check_values: bool = True) -> np.ndarray:
+               field: str = "images") -> np.ndarray:
         """Bytes + shape + dtype → float32 ``[N, *input_shape]``, or InvalidInput.
 
-        FLOAT32 values are checked to be in [0, 1] here unless ``check_values`` is False: then
-        the caller goes through :meth:`infer`, whose batch worker checks them (``Scored``).
+        FLOAT32 values are not range-checked here: :meth:`infer`'s batch worker checks them once
+        per batch (``Scored.in_range``) and raises for this request alone.
         """
         want = served.runtime.input_shape
         spec = f"[N, {', '.join(map(str, want))}] or [{', '.join(map(str, want))}]"
@@ -149,8 +149,7 @@ class DataPlane:
         x = np.frombuffer(data, dtype=np_dtype).reshape(shape)
         if scale != 1.0:
             return x.astype(np.float32) * np.float32(scale)  # UINT8 is always in range
-        # FLOAT32: no copy; ORT (or the batch concatenation) reads the request buffer
-        return self.check_values(x, field) if check_values else x
+        return x  # FLOAT32: no copy; ORT (or the batch concatenation) reads the request buffer
 
     def check_values(self, x: np.ndarray, field: str = "images") -> np.ndarray:
         """``x`` as contiguous float32 if every value is finite and in [0, 1], else InvalidInput.

@@ -60,7 +60,7 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         served = self._dp.get_model(request.model, request.version)
         images = request.images
         x = self._dp.decode(served, dtype=_DTYPE_NAMES.get(images.dtype, ""),
-                            shape=list(images.shape), data=images.data, check_values=False)
+                            shape=list(images.shape), data=images.data)
         k = self._dp.resolve_top_k(request.top_k, served)
         scored, served = await self._dp.infer(served, x)
         top = scored.top(k)
@@ -157,7 +157,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInput("inputs[0].contents.uint_contents has values outside 0..255 for UINT8")
             data = values.astype(np.uint8).tobytes()
         x = self._dp.decode(served, dtype=dtype, shape=list(tensor.shape), data=data,
-                            field="inputs[0]", check_values=False)
+                            field="inputs[0]")
         wanted: list[tuple[str, int]] = []  # (name, classification k or 0)
         for i, out in enumerate(request.outputs):
             if out.name != LOGITS_NAME:
