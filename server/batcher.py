@@ -16,11 +16,11 @@ requests are retried one by one so a single bad request cannot fail its neighbou
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,15 +36,16 @@ class BatcherClosed(NotReady):
     """This batcher was replaced (hot reload) or is stopping; the data plane retries once."""
 
 
-@dataclass
 class _Item:
-    x: np.ndarray
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
+    """One request in the queue: its examples, the caller's future and when it arrived."""
 
-    @property
-    def n(self) -> int:
-        return len(self.x)
+    __slots__ = ("enqueued", "future", "n", "x")
+
+    def __init__(self, x: np.ndarray, future: asyncio.Future) -> None:
+        self.x = x
+        self.future = future
+        self.n = len(x)
+        self.enqueued = time.perf_counter()
 
 
 class Batcher:
@@ -63,7 +64,9 @@ class Batcher:
         # One dedicated worker per in-flight batch: a shared pool hands consecutive batches to
         # different threads, which cost 25% of N=64 throughput in bench/ (2.7k vs 3.5k req/s).
         self._executor = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix=f"ort-{runtime.name}")
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
+        # A plain deque (the loop thread is its only user) woken through ``_arrived``: an
+        # asyncio.Queue costs a few µs of bookkeeping per put and get on the classify path.
+        self._queue: collections.deque[_Item] = collections.deque()
         self._slots = asyncio.Semaphore(max_inflight)
         self._arrived = asyncio.Event()  # set by submit; wakes a batch that is collecting
         self._task: asyncio.Task | None = None
@@ -76,7 +79,8 @@ class Batcher:
         self._running: dict[asyncio.Task, list[_Item]] = {}  # dispatched batches
         self._name = runtime.name
         # Metric children, resolved once (``labels()`` takes a lock and builds a key per call).
-        self._m_depth = metrics.queue_depth.labels(self._name)
+        # read at scrape time (the newest batcher of a model wins), not updated per request
+        metrics.queue_depth.labels(self._name).set_function(self._queue.__len__)
         self._m_queue = metrics.queue_seconds.labels(self._name)
         self._m_compute = metrics.compute_seconds.labels(self._name)
         self._m_batch = metrics.batch_size.labels(self._name)
@@ -86,7 +90,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def submit(self, x: np.ndarray) -> Any:
         """``process`` output for ``x``'s rows (logits by default).
@@ -95,15 +99,13 @@ class Batcher:
         if self._closing:
             raise BatcherClosed(f"model {self._name!r} version {self.runtime.version} is being "
                                 "unloaded; retry")
-        item = _Item(x, asyncio.get_running_loop().create_future())
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
+        if 0 < self.max_queue <= len(self._queue):
             raise QueueFull(
                 f"queue for model {self._name!r} is full ({self.max_queue} requests waiting, "
-                f"--max-queue={self.max_queue}); retry with backoff") from None
+                f"--max-queue={self.max_queue}); retry with backoff")
+        item = _Item(x, asyncio.get_running_loop().create_future())
+        self._queue.append(item)
         self._arrived.set()
-        self._m_depth.set(self._queue.qsize())
         return await item.future
 
     async def close(self, timeout: float = 60.0) -> None:
@@ -117,7 +119,7 @@ class Batcher:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (self._queue.qsize() or self._carry is not None or self._taken or self._running) \
+        while (self._queue or self._carry is not None or self._taken or self._running) \
                 and not self._task.done() and loop.time() < deadline:
             await asyncio.sleep(0.005)
         self._task.cancel()
@@ -128,8 +130,8 @@ class Batcher:
         leftovers = list(self._taken) + ([self._carry] if self._carry else [])
         for items in self._running.values():
             leftovers += items
-        while not self._queue.empty():
-            leftovers.append(self._queue.get_nowait())
+        leftovers += self._queue
+        self._queue.clear()
         for it in leftovers:
             _set(it.future, exc=BatcherClosed(
                 f"model {self._name!r} version {self.runtime.version} was unloaded; retry"))
@@ -149,7 +151,7 @@ class Batcher:
         until it is done (pipelining: batch k+1 fills while batch k runs). Returns holding an
         in-flight slot."""
         loop = asyncio.get_running_loop()
-        first = self._carry if self._carry is not None else await self._queue.get()
+        first = self._carry if self._carry is not None else await self._first()
         self._carry = None
         items, total = [first], first.n
         self._taken = items  # the same list: close() sees every item taken so far
@@ -157,19 +159,17 @@ class Batcher:
         # idle model) the next goes at once instead of paying the whole window for nothing.
         deadline = loop.time() + (self.max_delay_s if self._last_items > 1 else 0.0)
         while total < self.max_batch:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
+            if not self._queue:
                 if loop.time() >= deadline or not await self._arrival(deadline):
                     break
                 continue
-            got = self._take(items, total, item)
+            got = self._take(items, total, self._queue.popleft())
             if got is None:
                 break
             total = got
         await self._slots.acquire()
-        while total < self.max_batch and self._carry is None and not self._queue.empty():
-            got = self._take(items, total, self._queue.get_nowait())  # arrived during compute
+        while total < self.max_batch and self._carry is None and self._queue:
+            got = self._take(items, total, self._queue.popleft())  # arrived during compute
             if got is None:
                 break
             total = got
@@ -188,14 +188,20 @@ class Batcher:
             await arrived.wait()
         finally:
             timer.cancel()
-        return not self._queue.empty()
+        return bool(self._queue)
+
+    async def _first(self) -> _Item:
+        """The oldest queued request, waiting for one to arrive if the queue is empty."""
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._queue.popleft()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             items = await self._next_batch()  # cancelled by close(), which answers what was taken
             self._taken = []
-            self._m_depth.set(self._queue.qsize())
             task = loop.create_task(self._run_batch(items))
             self._running[task] = items
             task.add_done_callback(self._batch_done)

@@ -5,7 +5,7 @@ Servicers translate protobuf to these calls and back; nothing here knows about g
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,14 +20,14 @@ DTYPES = {"FLOAT32": (np.dtype("<f4"), 1.0), "UINT8": (np.dtype("u1"), 1.0 / 255
 DEFAULT_TOP_K = 5
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs an object.__setattr__ per field
 class TopK:
     indices: np.ndarray  # [N, k] int
     probs: np.ndarray    # [N, k] float32
     logits: np.ndarray   # [N, k] float32
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # read-only by convention; built per request (see TopK)
 class Scored:
     """A batch's model output, post-processed once per batch in the model's worker thread.
 
@@ -40,13 +40,16 @@ class Scored:
     probs: np.ndarray          # [N, C] float32 probabilities in that order
     ranked_logits: np.ndarray  # [N, C] float32 logits in that order
     in_range: np.ndarray       # [N] bool: the input row was finite and within [0, 1]
+    all_in_range: bool         # in_range.all(), so a request of a clean batch skips the check
 
     def __len__(self) -> int:
         return len(self.logits)
 
     def __getitem__(self, rows: slice) -> Scored:
+        in_range = self.in_range[rows]
         return Scored(self.logits[rows], self.order[rows], self.probs[rows],
-                      self.ranked_logits[rows], self.in_range[rows])
+                      self.ranked_logits[rows], in_range,
+                      self.all_in_range or bool(in_range.all()))
 
     def top(self, k: int) -> TopK:
         """The ``k`` most probable classes of every row (``k`` clipped to [1, C])."""
@@ -64,7 +67,7 @@ def score_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> Score
     p /= p.sum(axis=1, keepdims=True)
     order = np.argsort(-p, axis=1, kind="stable")
     return Scored(logits, order, np.take_along_axis(p, order, 1),
-                  np.take_along_axis(logits, order, 1), in_range)
+                  np.take_along_axis(logits, order, 1), in_range, bool(in_range.all()))
 
 
 class DataPlane:
@@ -94,36 +97,53 @@ class DataPlane:
     # lookup -----------------------------------------------------------------------------------
     def get_model(self, name: str, version: int = 0) -> Served:
         """The serving package of ``name``; ``version`` 0 means whichever is serving."""
-        current_model.set(name if self.repository.get(name) is not None else "")
+        served = self.repository.get(name)
+        current_model.set(name if served is not None else "")
         if self.draining:
             raise NotReady("server is shutting down; retry on another replica")
         if not self.repository.scanned_once:
             raise NotReady("server is still loading its model repository; retry shortly")
-        if not name:
-            raise InvalidInput("field 'model' is empty; expected one of "
-                               f"{self.repository.names()}")
-        served = self.repository.get(name)
         if served is None:
+            if not name:
+                raise InvalidInput("field 'model' is empty; expected one of "
+                                   f"{self.repository.names()}")
             raise ModelNotFound(f"model {name!r} is not loaded; loaded models: "
                                 f"{self.repository.names()}")
-        if version not in (0, served.runtime.version):
+        if version and version != served.runtime.version:
             raise ModelNotFound(f"model {name!r} version {version} is not loaded; serving version "
                                 f"{served.runtime.version} (use 0 for the serving version)")
         return served
 
     # validation -------------------------------------------------------------------------------
-    def decode(self, served: Served, *, dtype: str, shape: list[int], data: bytes,
+    def decode(self, served: Served, *, dtype: str, shape: Sequence[int], data: bytes,
                field: str = "images") -> np.ndarray:
         """Bytes + shape + dtype → float32 ``[N, *input_shape]``, or InvalidInput.
 
         FLOAT32 values are not range-checked here: :meth:`infer`'s batch worker checks them once
-        per batch (``Scored.in_range``) and raises for this request alone.
+        per batch (``Scored.in_range``) and raises for this request alone. The accepted case
+        costs a few comparisons; the messages are built only for a refused request.
         """
+        want = served.runtime.input_shape
+        kind = DTYPES.get(dtype)
+        dims = tuple(shape)
+        if len(dims) == len(want):
+            dims = (1, *dims)
+        if kind is None or dims[1:] != want or not 0 < dims[0] <= self.max_batch \
+                or len(data) != math.prod(dims) * kind[0].itemsize:
+            self._refuse(served, dtype, list(shape), data, field)
+        np_dtype, scale = kind
+        x = np.frombuffer(data, dtype=np_dtype).reshape(dims)
+        if scale != 1.0:
+            return x.astype(np.float32) * np.float32(scale)  # UINT8 is always in range
+        return x  # FLOAT32: no copy; ORT (or the batch concatenation) reads the request buffer
+
+    def _refuse(self, served: Served, dtype: str, shape: list, data: bytes, field: str) -> None:
+        """Raise InvalidInput saying what is wrong with a tensor ``decode`` did not accept."""
         want = served.runtime.input_shape
         spec = f"[N, {', '.join(map(str, want))}] or [{', '.join(map(str, want))}]"
         if dtype not in DTYPES:
             raise InvalidInput(f"{field}.dtype is {dtype or 'unset'!r}; expected FLOAT32 or UINT8")
-        np_dtype, scale = DTYPES[dtype]
+        np_dtype, _ = DTYPES[dtype]
         shape = [int(d) for d in shape]
         given = list(shape)
         if len(shape) == len(want):
@@ -143,13 +163,8 @@ class DataPlane:
             raise InvalidInput(f"{field}.shape {shape}: batch of {n} exceeds the server's "
                                f"max_batch {self.max_batch}; split the request")
         expected = math.prod(shape) * np_dtype.itemsize
-        if len(data) != expected:
-            raise InvalidInput(
-                f"{field}.data has {len(data)} bytes; shape {shape} of {dtype} needs {expected}")
-        x = np.frombuffer(data, dtype=np_dtype).reshape(shape)
-        if scale != 1.0:
-            return x.astype(np.float32) * np.float32(scale)  # UINT8 is always in range
-        return x  # FLOAT32: no copy; ORT (or the batch concatenation) reads the request buffer
+        raise InvalidInput(
+            f"{field}.data has {len(data)} bytes; shape {shape} of {dtype} needs {expected}")
 
     def check_values(self, x: np.ndarray, field: str = "images") -> np.ndarray:
         """``x`` as contiguous float32 if every value is finite and in [0, 1], else InvalidInput.
@@ -187,7 +202,7 @@ class DataPlane:
                 raise
             served = current
             scored = await current.batcher.submit(x)
-        if not scored.in_range.all():
+        if not scored.all_in_range:
             self.check_values(x, field)  # raises with the detailed message
             raise InvalidInput(f"{field} values are outside [0, 1]")  # unreachable in practice
         return scored, served

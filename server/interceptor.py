@@ -58,6 +58,22 @@ def _check_parsed(request, method: str) -> None:
                            f"({type(request.exc).__name__}: {request.exc})")
 
 
+class _InFlight:
+    """RPCs of one method being handled: a plain counter on the event-loop thread that the
+    ``dcs_inflight_requests`` gauge reads at scrape time, instead of a locked update per RPC."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def inc(self) -> None:
+        self.n += 1
+
+    def dec(self) -> None:
+        self.n -= 1
+
+
 class ErrorInterceptor:
     """Aborts with ``(exc.code, str(exc))`` for ServiceError; INTERNAL (logged) for anything else.
 
@@ -68,6 +84,7 @@ class ErrorInterceptor:
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
         self._unary_inflight = 0
+        self._inflight: dict[str, _InFlight] = {}  # method -> counter behind its gauge child
         self._idle: asyncio.Event | None = None
 
     def add_service(self, add_to_server: Callable[[Any, Any], None], servicer: Any,
@@ -124,12 +141,19 @@ class ErrorInterceptor:
         await context.abort(grpc.StatusCode.INTERNAL,
                             f"internal error in {method}; see the server log")
 
+    def _counter(self, method: str) -> _InFlight:
+        counter = self._inflight.get(method)
+        if counter is None:
+            counter = self._inflight[method] = _InFlight()
+            self._metrics.inflight.labels(method).set_function(lambda: counter.n)
+        return counter
+
     def _finish(self, method: str, start: float, code: str, inflight) -> None:
         inflight.dec()
         self._metrics.observe_request(method, current_model.get(), code, time.perf_counter() - start)
 
     def _wrap_unary(self, method: str, behavior):
-        inflight = self._metrics.inflight.labels(method)
+        inflight = self._counter(method)
 
         async def wrapper(request, context):
             start = time.perf_counter()
@@ -154,7 +178,7 @@ class ErrorInterceptor:
         return wrapper
 
     def _wrap_stream(self, method: str, behavior):
-        inflight = self._metrics.inflight.labels(method)
+        inflight = self._counter(method)
 
         async def wrapper(request, context):
             start = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,12 @@ class ModelRuntime:
         return cls(package=pkg, fingerprint=before, loaded_at=time.time())
 
     # identity -------------------------------------------------------------------------------
-    @property
+    # read from the manifest once: the classify path asks for them per request
+    @cached_property
     def name(self) -> str:
         return self.package.name
 
-    @property
+    @cached_property
     def version(self) -> int:
         return self.package.version
 
@@ -62,11 +64,11 @@ class ModelRuntime:
     def provider(self) -> str:
         return self.package.provider
 
-    @property
-    def labels(self) -> list[str]:
-        return self.package.labels
+    @cached_property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.package.labels)
 
-    @property
+    @cached_property
     def input_shape(self) -> tuple[int, ...]:
         return self.package.input_shape
 

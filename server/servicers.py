@@ -60,7 +60,7 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         served = self._dp.get_model(request.model, request.version)
         images = request.images
         x = self._dp.decode(served, dtype=_DTYPE_NAMES.get(images.dtype, ""),
-                            shape=list(images.shape), data=images.data)
+                            shape=images.shape, data=images.data)
         k = self._dp.resolve_top_k(request.top_k, served)
         scored, served = await self._dp.infer(served, x)
         top = scored.top(k)

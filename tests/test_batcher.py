@@ -198,3 +198,26 @@ def test_window_applies_under_load_only():
     first, lone = asyncio.run(main())
     assert first >= 0.9 and lone < 0.5, (first, lone)  # the 1 s window, then none
     assert rt.batches == [2, 1, 1, 2, 2]
+
+
+def test_queue_depth_gauge_reads_the_live_queue_at_scrape_time():
+    rt = FakeRuntime(seconds=0.2)
+    registry = CollectorRegistry()
+
+    def depth():
+        return registry.get_sample_value("dcs_queue_depth_requests", {"model": rt.name})
+
+    async def main():
+        b = Batcher(rt, metrics=ServerMetrics(registry), max_batch=1, max_queue_delay_ms=0.0,
+                    max_queue=64)
+        b.start()
+        futs = [asyncio.ensure_future(b.submit(_x(i))) for i in range(4)]
+        await asyncio.sleep(0.05)  # [0] computes, [1] is the next batch, [2] and [3] wait
+        during = depth(), b.depth
+        await asyncio.gather(*futs)
+        after = depth()
+        await b.close()
+        return during, after
+
+    during, after = asyncio.run(main())
+    assert during == (2.0, 2) and after == 0.0
