@@ -218,7 +218,11 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
 
 
 def bench_batching(repo: Path, sizes: Sizes) -> list[Row]:
+    """Dynamic batching on vs off (``--max-batch 1``), and the same pair for the model floor:
+    what batching can gain for this model on this machine when the unbatched path runs each
+    request through ORT right on the event loop."""
     kw = {"model": sizes.model, "shape": sizes.shape}
+    model_path = str(repo / sizes.model / "1" / "model.onnx")
     with real_server(repo, "--max-batch", str(MAX_BATCH)) as on, \
             real_server(repo, "--max-batch", "1") as off:
         for sp in (on, off):
@@ -227,10 +231,21 @@ def bench_batching(repo: Path, sizes: Sizes) -> list[Row]:
         res = {"off": res.pop("other"), "on": res}
         stats = {"on": batch_stats(on.metrics_port, sizes.model),
                  "off": batch_stats(off.metrics_port, sizes.model)}
+    with echo_server("--batching", "--model", model_path) as floor_on, \
+            echo_server("--model", model_path) as floor_off:
+        for target in (floor_on, floor_off):
+            warm(target, 64, **kw)
+        floor = _rounds(floor_on, floor_off, sizes, concurrency=64, **kw)
+        floor_off_res = floor.pop("other")
     r = res["on"]["rps"] / res["off"]["rps"]
     return [Row("batching", "requests/s N=64, dynamic batching on vs off", res["on"]["rps"],
                 res["off"]["rps"], r, ">= 2.0x", r >= 2.0, "req/s",
                 f"mean batch {stats['on']['mean_batch']:.1f} (on) vs "
                 f"{stats['off']['mean_batch']:.1f} (off); p99 {res['on']['p99_ms']:.1f} vs "
                 f"{res['off']['p99_ms']:.1f} ms",
-                extra={"on": res["on"], "off": res["off"], "batches": stats})]
+                extra={"on": res["on"], "off": res["off"], "batches": stats}),
+            Row("batching", "requests/s N=64, model floor batched vs ORT per request on the loop",
+                floor["rps"], floor_off_res["rps"], floor["rps"] / floor_off_res["rps"], "", None,
+                "req/s", "bench.echo_server --batching --model vs --model: the gain batching "
+                "can give this model here when the unbatched path needs no thread hand-off",
+                extra={"on": floor, "off": floor_off_res})]
