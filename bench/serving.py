@@ -57,17 +57,26 @@ def _merge(parts: list[dict]) -> dict:
         for k, v in p["errors"].items():
             errors[k] = errors.get(k, 0) + v
     return {"requests": req, "images": img, "seconds": sec, "rps": req / sec, "ips": img / sec,
-            "errors": errors, "rounds": len(parts), **percentiles(lat)}
+            "errors": errors, "rounds": len(parts), "round_rps": [p["rps"] for p in parts],
+            "round_ips": [p["ips"] for p in parts], **percentiles(lat)}
+
+
+def spread(num: list[float], den: list[float]) -> str:
+    """``num/den`` round by round, as "per-round 0.62-0.74x": how much the machine moved."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return f"per-round {min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "no rounds"
 
 
 def _rounds(target_a: str, target_b: str, sizes: Sizes, **kw) -> dict:
-    """A and B measured alternately (A B A B ...), merged per side; B is under key "other"."""
-    rounds = 3 if sizes.full else 2
+    """A and B measured alternately (A B A B ...), merged per side; B is under key "other".
+
+    Both servers are warm (``warm``) before this, so each round's own warm-up is short."""
+    rounds = 3
     a, b = [], []
     for _ in range(rounds):
         for side, target in ((a, target_a), (b, target_b)):
-            side.append(load(target, duration=sizes.duration_s / rounds, warmup=sizes.warmup_s,
-                             keep_latencies=True, **kw))
+            side.append(load(target, duration=sizes.duration_s / rounds,
+                             warmup=min(sizes.warmup_s, 0.25), keep_latencies=True, **kw))
     return {**_merge(a), "other": _merge(b)}
 
 
@@ -109,7 +118,8 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
         gated = n == 64
         rows.append(Row("classify", f"requests/s N={n}", s["rps"], e["rps"], r,
                         ">= 0.80x echo" if gated else "", (r >= 0.8) if gated else None, "req/s",
-                        f"errors {s['errors'] or 0}", extra={"server": s, "echo": e}))
+                        f"errors {s['errors'] or 0}; {spread(s['round_rps'], e['round_rps'])}",
+                        extra={"server": s, "echo": e}))
         rows.append(Row("classify", f"p99 latency N={n}", s["p99_ms"], e["p99_ms"],
                         s["p99_ms"] / e["p99_ms"],
                         f"<= 2x echo + compute ({p99_limit:.2f} ms)" if gated else "",
@@ -126,7 +136,8 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
         rows.append(Row("classify", f"requests/s N={n_top}, {name} vs echo", floor["rps"],
                         floor_echo["rps"], fr, "", None, "req/s",
                         f"bench.echo_server {' '.join(f for f in flags if f != '{model}')}: {what}; "
-                        f"our server reaches {ours / fr:.2f}x of this floor",
+                        f"our server reaches {ours / fr:.2f}x of this floor; "
+                        f"{spread(floor['round_rps'], floor_echo['round_rps'])}",
                         extra={"floor": floor, "echo": floor_echo}))
     rows += bench_uvloop(repo, sizes, n_top, kw)
     return rows
@@ -160,7 +171,7 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
     """Sweep client batch sizes on both sides, then measure the best of each alternately."""
     model_path = repo / sizes.model / "1" / "model.onnx"
     kw = {"model": sizes.model, "shape": sizes.shape}
-    rounds = 3 if sizes.full else 2
+    rounds = 3
 
     def raw_ips(b: int, seconds: float) -> float:
         return b / raw_ort_seconds(model_path, b, seconds, shape=sizes.shape)[0]
@@ -169,7 +180,8 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
     best_raw_b = max(raw_sweep, key=raw_sweep.get)
     flags = ("--max-batch", str(max(sizes.batch_sizes)), "--max-queue-delay-ms", "0")
     # concurrency 3: one request computes while the next ones are parsed/queued (closed loop).
-    load_kw = {"concurrency": 3, "top_k": 1, "warmup": sizes.warmup_s, "keep_latencies": True, **kw}
+    load_kw = {"concurrency": 3, "top_k": 1, "warmup": min(sizes.warmup_s, 0.25),
+               "keep_latencies": True, **kw}
     with real_server(repo, *flags) as sp, real_server(repo, *flags, *INLINE_FLAGS) as inline_sp, \
             echo_server("--model", str(model_path)) as floor_target:
         sweep = {b: load(sp.target, batch=b, duration=sizes.duration_s / 2, **load_kw)
@@ -197,7 +209,8 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
     rows = [Row("batched", f"images/s, server best batch {best_b} (f32, top_k=1)", best["ips"],
                 ref, r, ">= 0.90x raw ORT", r >= 0.9, "img/s",
                 f"raw ORT best batch {best_raw_b}, 1 intra-op thread; server flags "
-                f"{' '.join(flags)}; {rounds} alternating rounds; sweep server {sweep_note}",
+                f"{' '.join(flags)}; {rounds} alternating rounds, "
+                f"{spread(best['round_ips'], raw_runs)}; sweep server {sweep_note}",
                 extra={"server": best, "sweep": sweep, "raw_sweep": raw_sweep,
                        "raw_rounds": raw_runs})]
     floor_share = best["ips"] / res["floor"]["ips"]
@@ -242,10 +255,11 @@ def bench_batching(repo: Path, sizes: Sizes) -> list[Row]:
                 res["off"]["rps"], r, ">= 2.0x", r >= 2.0, "req/s",
                 f"mean batch {stats['on']['mean_batch']:.1f} (on) vs "
                 f"{stats['off']['mean_batch']:.1f} (off); p99 {res['on']['p99_ms']:.1f} vs "
-                f"{res['off']['p99_ms']:.1f} ms",
+                f"{res['off']['p99_ms']:.1f} ms; {spread(res['on']['round_rps'], res['off']['round_rps'])}",
                 extra={"on": res["on"], "off": res["off"], "batches": stats}),
             Row("batching", "requests/s N=64, model floor batched vs ORT per request on the loop",
                 floor["rps"], floor_off_res["rps"], floor["rps"] / floor_off_res["rps"], "", None,
                 "req/s", "bench.echo_server --batching --model vs --model: the gain batching "
-                "can give this model here when the unbatched path needs no thread hand-off",
+                "can give this model here when the unbatched path needs no thread hand-off; "
+                f"{spread(floor['round_rps'], floor_off_res['round_rps'])}",
                 extra={"on": floor, "off": floor_off_res})]
