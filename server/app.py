@@ -65,6 +65,7 @@ class Server:
                        max_queue_delay_ms=self.config.max_queue_delay_ms,
                        max_queue=self.config.max_queue,
                        metrics=self.metrics, inline_compute_ms=self.config.inline_compute_ms,
+                       overlap=self.config.batch_overlap == "on",
                        process=functools.partial(score_batch, runtime.run))
 
     def _new_grpc(self) -> grpc.aio.Server:

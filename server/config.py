@@ -82,6 +82,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("inline_compute_ms", float, 0.0,
            "run a batch on the event-loop thread when its measured ORT time is below this, ms "
            "(a thread hand-off costs more than tiny models compute); 0 = always a worker thread"),
+    Option("batch_overlap", str, "off",
+           "on: collect the next batch while one computes and send it the moment the model is "
+           "free (for models whose compute is the limit, e.g. on a GPU); off: start collecting "
+           "once the batch is done, which makes bigger batches when the event loop is the limit",
+           choices=("off", "on")),
     Option("max_message_bytes", int, 16 * MiB, "largest gRPC message accepted or sent, bytes"),
     Option("tls_cert", _opt_path, None, "PEM certificate chain; with --tls-key enables TLS"),
     Option("tls_key", _opt_path, None, "PEM private key for --tls-cert"),
@@ -122,6 +127,7 @@ class ServerConfig:
     max_queue_delay_ms: float = 2.0
     max_queue: int = 256
     inline_compute_ms: float = 0.0
+    batch_overlap: str = "off"
     max_message_bytes: int = 16 * MiB
     tls_cert: Path | None = None
     tls_key: Path | None = None

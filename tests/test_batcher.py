@@ -212,7 +212,7 @@ def test_queue_depth_gauge_reads_the_live_queue_at_scrape_time():
                     max_queue=64)
         b.start()
         futs = [asyncio.ensure_future(b.submit(_x(i))) for i in range(4)]
-        await asyncio.sleep(0.05)  # [0] computes, [1] is the next batch, [2] and [3] wait
+        await asyncio.sleep(0.05)  # [0] computes, [1], [2] and [3] wait
         during = depth(), b.depth
         await asyncio.gather(*futs)
         after = depth()
@@ -220,4 +220,28 @@ def test_queue_depth_gauge_reads_the_live_queue_at_scrape_time():
         return during, after
 
     during, after = asyncio.run(main())
-    assert during == (2.0, 2) and after == 0.0
+    assert during == (3.0, 3) and after == 0.0
+
+
+@pytest.mark.parametrize("overlap, expected", [(False, [2, 2]), (True, [2, 1, 1])])
+def test_without_overlap_the_window_starts_once_the_model_is_free(overlap, expected):
+    """Batch [0, 1] computes 0.1 s from t≈60 ms. A arrives at 100 ms, B at 190 ms. Without
+    overlap A's batch opens its 60 ms window when the model is free (≈160 ms), so B joins it;
+    with overlap A's window ran out during the compute and A leaves alone at ≈160 ms."""
+    rt = FakeRuntime(seconds=0.1)
+
+    async def main():
+        b = _batcher(rt, max_queue_delay_ms=60.0, overlap=overlap)
+        b.start()
+        first = [asyncio.ensure_future(b.submit(_x(i))) for i in (0, 1)]
+        await asyncio.sleep(0.1)
+        a = asyncio.ensure_future(b.submit(_x(2)))
+        await asyncio.sleep(0.09)
+        late = asyncio.ensure_future(b.submit(_x(3)))
+        out = await asyncio.gather(*first, a, late)
+        await b.close()
+        return out
+
+    out = asyncio.run(main())
+    assert rt.batches == expected
+    assert [float(o[0, 0]) for o in out] == [0.0, 2.0, 4.0, 6.0]
