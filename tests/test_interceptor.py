@@ -25,9 +25,13 @@ class FakeContext:
         raise Aborted(details)
 
 
-def test_inflight_gauge_counts_rpcs_being_handled_and_errors_map_to_codes():
+def _guard() -> tuple[ErrorInterceptor, CollectorRegistry]:
     registry = CollectorRegistry()
-    guard = ErrorInterceptor(ServerMetrics(registry))
+    return ErrorInterceptor(ServerMetrics(registry)), registry
+
+
+def test_inflight_gauge_counts_rpcs_being_handled_and_errors_map_to_codes():
+    guard, registry = _guard()
     release = asyncio.Event()
 
     async def behavior(request, context):
@@ -62,8 +66,7 @@ def test_inflight_gauge_counts_rpcs_being_handled_and_errors_map_to_codes():
 
 
 def test_a_method_wrapped_twice_keeps_one_gauge_reading():
-    registry = CollectorRegistry()
-    guard = ErrorInterceptor(ServerMetrics(registry))
+    guard, registry = _guard()
     gate = asyncio.Event()
 
     async def behavior(request, context):
@@ -85,8 +88,7 @@ def test_a_method_wrapped_twice_keeps_one_gauge_reading():
 
 def test_cancelled_rpc_leaves_the_gauge_at_zero():
     method = "Classify"
-    registry = CollectorRegistry()
-    guard = ErrorInterceptor(ServerMetrics(registry))
+    guard, registry = _guard()
 
     async def behavior(request, context):
         await asyncio.sleep(10)
