@@ -1,4 +1,5 @@
-"""``server.batcher.Batcher`` on its own: pipelining, inline compute, failure isolation, close.
+"""``server.batcher.Batcher`` on its own: batch forming (with and without overlap), inline compute,
+failure isolation, close.
 
 The runtime is a stand-in with a controllable ``run`` (the real ORT path is covered by the server
 tests); everything else (queue, worker thread, metrics) is the real code.
@@ -46,11 +47,12 @@ def _x(value: float) -> np.ndarray:
     return np.full((1, 2), value, np.float32)
 
 
-def test_next_batch_fills_while_the_previous_one_computes():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_requests_that_arrive_during_a_compute_ride_together_next(overlap):
     rt = FakeRuntime(seconds=0.1)
 
     async def main():
-        b = _batcher(rt)
+        b = _batcher(rt, overlap=overlap)
         b.start()
         first = asyncio.ensure_future(b.submit(_x(0)))
         await asyncio.sleep(0.03)  # batch [0] is computing now
