@@ -19,6 +19,7 @@ from bench.procs import batch_stats, echo_server, load, real_server, warm
 
 log = logging.getLogger("bench.serving")
 MAX_BATCH = 32  # the server's default --max-batch
+ROUNDS = 3  # alternating rounds per side in every A-vs-B measurement
 
 
 def raw_ort_seconds(model_path: Path, batch: int, seconds: float, threads: int = 1,
@@ -71,11 +72,10 @@ def _rounds(target_a: str, target_b: str, sizes: Sizes, **kw) -> dict:
     """A and B measured alternately (A B A B ...), merged per side; B is under key "other".
 
     Both servers are warm (``warm``) before this, so each round's own warm-up is short."""
-    rounds = 3
     a, b = [], []
-    for _ in range(rounds):
+    for _ in range(ROUNDS):
         for side, target in ((a, target_a), (b, target_b)):
-            side.append(load(target, duration=sizes.duration_s / rounds,
+            side.append(load(target, duration=sizes.duration_s / ROUNDS,
                              warmup=min(sizes.warmup_s, 0.25), keep_latencies=True, **kw))
     return {**_merge(a), "other": _merge(b)}
 
@@ -171,7 +171,6 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
     """Sweep client batch sizes on both sides, then measure the best of each alternately."""
     model_path = repo / sizes.model / "1" / "model.onnx"
     kw = {"model": sizes.model, "shape": sizes.shape}
-    rounds = 3
 
     def raw_ips(b: int, seconds: float) -> float:
         return b / raw_ort_seconds(model_path, b, seconds, shape=sizes.shape)[0]
@@ -192,8 +191,8 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
             warm(target, 3, batch=best_b, top_k=1, **kw)
         runs: dict[str, list[dict]] = {name: [] for name in (*sides, "uint8")}
         raw_runs: list[float] = []
-        per = sizes.duration_s / rounds
-        for _ in range(rounds):  # every side once per round, so load drift hits all alike
+        per = sizes.duration_s / ROUNDS
+        for _ in range(ROUNDS):  # every side once per round, so load drift hits all alike
             raw_runs.append(raw_ips(best_raw_b, per))
             for name, target in sides.items():
                 runs[name].append(load(target, batch=best_b, duration=per, **load_kw))
@@ -209,7 +208,7 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
     rows = [Row("batched", f"images/s, server best batch {best_b} (f32, top_k=1)", best["ips"],
                 ref, r, ">= 0.90x raw ORT", r >= 0.9, "img/s",
                 f"raw ORT best batch {best_raw_b}, 1 intra-op thread; server flags "
-                f"{' '.join(flags)}; {rounds} alternating rounds, "
+                f"{' '.join(flags)}; {ROUNDS} alternating rounds, "
                 f"{spread(best['round_ips'], raw_runs)}; sweep server {sweep_note}",
                 extra={"server": best, "sweep": sweep, "raw_sweep": raw_sweep,
                        "raw_rounds": raw_runs})]

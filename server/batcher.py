@@ -183,41 +183,40 @@ class Batcher:
     def _drain(self, items: list[_Item], total: int) -> int:
         """Move queued requests into the batch until it is full (or one does not fit)."""
         while total < self.max_batch and self._carry is None and self._queue:
-            item = self._queue.popleft()
-            self._queued -= item.n
-            got = self._take(items, total, item)
+            got = self._take(items, total, self._pop())
             if got is None:
                 break
             total = got
         return total
 
-    async def _arrival(self, deadline: float, examples: int) -> None:
-        """Wait until ``examples`` more examples are queued or the loop clock reaches ``deadline``.
+    def _pop(self) -> _Item:
+        item = self._queue.popleft()
+        self._queued -= item.n
+        return item
+
+    async def _arrival(self, deadline: float | None, examples: int) -> None:
+        """Wait until ``examples`` more examples are queued or the loop clock reaches ``deadline``
+        (None: no deadline).
 
         One event and one timer per wait instead of ``wait_for(queue.get())``, which builds a
         task and a timeout per request (``bench.profile_server``)."""
         arrived = self._arrived
         arrived.clear()
         self._wake_at = examples
-        timer = asyncio.get_running_loop().call_at(deadline, arrived.set)
+        timer = None if deadline is None else \
+            asyncio.get_running_loop().call_at(deadline, arrived.set)
         try:
             await arrived.wait()
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._wake_at = math.inf
 
     async def _first(self) -> _Item:
         """The oldest queued request, waiting for one to arrive if the queue is empty."""
         while not self._queue:
-            self._arrived.clear()
-            self._wake_at = 1
-            try:
-                await self._arrived.wait()
-            finally:
-                self._wake_at = math.inf
-        item = self._queue.popleft()
-        self._queued -= item.n
-        return item
+            await self._arrival(None, 1)
+        return self._pop()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
