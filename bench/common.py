@@ -62,6 +62,8 @@ class Sizes:
     mode: str = "quick"
     model: str = PFE                      # served model the serving benchmarks load
     shape: tuple[int, ...] = (1, 28, 28)
+    device: str = "cpu"                   # server --device and the reference's ORT provider
+    attack_batch: int = 128               # examples per attack batch, both engines
 
     @classmethod
     def make(cls, mode: str) -> Sizes:
@@ -73,6 +75,10 @@ class Sizes:
                        DIGITS, (1, 8, 8))
         return cls(False, 3.0, 0.5, (1, 8, 64), (1, 16, 64, 128), 1000, 10, 1,
                    200, 20, 200, 200, 10_000, 5000, mode)
+
+
+#: ORT provider of each server ``--device`` the benchmarks run on.
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def cache_dir() -> Path:

@@ -25,8 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from bench.common import PROVIDERS
 from proto import classifier_pb2 as cpb
 from proto import classifier_pb2_grpc as cpb_grpc
+from robustness.package import providers_for
+from robustness.padding import BatchPadder, pad_rows
 from server.config import EVENT_LOOPS
 
 
@@ -39,14 +42,20 @@ def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
 
 
 class EchoClassifier(cpb_grpc.ClassifierServicer):
-    def __init__(self, batching: bool = False, delay_s: float = 0.002, model: str = "") -> None:
+    def __init__(self, batching: bool = False, delay_s: float = 0.002, model: str = "",
+                 device: str = "cpu") -> None:
         self._cache: dict[tuple[int, int], cpb.ClassifyResponse] = {}
         self._session = None
         if model:
             import onnxruntime as ort
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            # the server's own provider options: the floor differs from it only in what it skips
+            self._session = ort.InferenceSession(model, opts, providers=providers_for(device))
+            if self._session.get_providers()[0] != PROVIDERS[device]:
+                raise RuntimeError(f"{PROVIDERS[device]} did not load for {model}")
+            # and the server's fixed batch on CUDA (robustness/padding.py)
+            self._padder = BatchPadder(device == "cuda")
             inp = self._session.get_inputs()[0]
             self._input = inp.name
             self._shape = tuple(inp.shape[1:])
@@ -79,6 +88,7 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
         if self._session is None:
             return len(blobs)
         x = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(-1, *self._shape)
+        x = pad_rows(x, self._padder.size_for(len(x)))
         return len(self._session.run(None, {self._input: x})[0])
 
     async def _collect(self) -> None:
@@ -97,11 +107,12 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
 
 
 async def serve(port: int, max_message_bytes: int, batching: bool = False, delay_ms: float = 2.0,
-                model: str = "") -> None:
+                model: str = "", device: str = "cpu") -> None:
     opts = [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=opts)
-    cpb_grpc.add_ClassifierServicer_to_server(EchoClassifier(batching, delay_ms / 1000, model), server)
+    servicer = EchoClassifier(batching, delay_ms / 1000, model, device)
+    cpb_grpc.add_ClassifierServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     sys.stdout.write(f"READY {bound}\n")
@@ -117,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=2.0, help="batch window with --batching")
     p.add_argument("--model", default="", help="model.onnx to run per batch (per request without "
                    "--batching): the floor of any design that serves this model")
+    p.add_argument("--device", default="cpu", choices=sorted(PROVIDERS),
+                   help="where --model runs (ORT provider)")
     p.add_argument("--event-loop", default="asyncio", choices=EVENT_LOOPS,
                    help="same choice and default as the server's, so the reference runs on the "
                    "loop the server runs on")
     args = p.parse_args(argv)
     from server.__main__ import loop_factory, run
     try:
-        run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms, args.model),
+        run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms, args.model,
+                  args.device),
             loop_factory(args.event_loop)[1])
     except KeyboardInterrupt:
         pass

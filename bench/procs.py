@@ -18,11 +18,12 @@ CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 @contextmanager
 def real_server(repo: Path, *flags: str, env: dict[str, str] | None = None,
-                log_dir: Path | None = None) -> Iterator:
-    """``python -m server`` on free loopback ports (1 intra-op thread unless ``flags`` say)."""
+                log_dir: Path | None = None, device: str = "cpu") -> Iterator:
+    """``python -m server --device DEVICE`` on free loopback ports (1 intra-op thread unless
+    ``flags`` say). The device is explicit so a CPU figure stays CPU on a machine with a GPU."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dcs-bench-server-"))
-    sp = start_server_process(repo, "--log-level", "warning", *flags, env=env, log_dir=log_dir,
-                              timeout=90)
+    sp = start_server_process(repo, "--log-level", "warning", "--device", device, *flags, env=env,
+                              log_dir=log_dir, timeout=90)
     try:
         yield sp
     finally:
@@ -33,10 +34,12 @@ def real_server(repo: Path, *flags: str, env: dict[str, str] | None = None,
 
 
 @contextmanager
-def echo_server(*flags: str) -> Iterator[str]:
-    """``bench.echo_server`` on a free loopback port (``flags``: e.g. ``--batching``)."""
+def echo_server(*flags: str, device: str = "cpu") -> Iterator[str]:
+    """``bench.echo_server`` on a free loopback port (``flags``: e.g. ``--batching``; ``device``
+    is where ``--model`` runs)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", "--port", str(port), *flags],
+    proc = subprocess.Popen([sys.executable, "-m", "bench.echo_server", "--port", str(port),
+                             "--device", device, *flags],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, **CHILD_ENV})
     try:

@@ -58,7 +58,8 @@ def notes(rows: list[Row]) -> str:
 
 
 def write_summary(out: Path, info: dict, rows: list[Row], stem: str) -> None:
-    """``SUMMARY.md``: machine line, the table, per-row notes, then ``bench/analysis.md``."""
+    """``SUMMARY.md`` (``SUMMARY-cuda.md`` for a run with GPU rows): machine line, the table,
+    per-row notes, then ``bench/analysis.md``."""
     header = (f"{info['date_utc']} on `{info['host']}`: {info['cpus']} cores "
               f"({info.get('cpu_model', '?')}), provider {info['provider']}, onnxruntime "
               f"{info['onnxruntime']}, grpcio {info.get('grpcio', '?')}; {info['seconds']:.0f} s "
@@ -73,7 +74,8 @@ def write_summary(out: Path, info: dict, rows: list[Row], stem: str) -> None:
                "## Notes per row", "", notes(rows), ""]
     if ANALYSIS.exists():
         summary += [ANALYSIS.read_text()]
-    (out / "SUMMARY.md").write_text("\n".join(summary))
+    name = "SUMMARY.md" if info["provider"] == "CPUExecutionProvider" else "SUMMARY-cuda.md"
+    (out / name).write_text("\n".join(summary))
 
 
 def resummarize(path: Path) -> int:
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": info, "rows": [r.to_dict() for r in rows]}, indent=2, default=str) + "\n")
     write_summary(args.out, info, rows, stem)
-    failed = [r for r in rows if r.figure == "benchmark raised"]
+    failed = [r for r in rows if "benchmark raised" in r.figure]
     return 1 if failed else 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Row, Sizes
+from bench.common import PROVIDERS, Row, Sizes
 from bench.procs import batch_stats, echo_server, load, real_server, warm
 
 log = logging.getLogger("bench.serving")
@@ -23,8 +23,10 @@ ROUNDS = 3  # alternating rounds per side in every A-vs-B measurement
 
 
 def raw_ort_seconds(model_path: Path, batch: int, seconds: float, threads: int = 1,
-                    provider: str = "CPUExecutionProvider", shape: tuple[int, ...] = (1, 28, 28)) -> tuple[float, str]:
-    """Mean seconds per ``session.run`` on ``batch`` images; returns (seconds, provider in use)."""
+                    provider: str = PROVIDERS["cpu"],
+                    shape: tuple[int, ...] = (1, 28, 28)) -> tuple[float, str]:
+    """Mean seconds per ``session.run`` on ``batch`` images (numpy in and out, as a plain ORT
+    user calls it); returns (seconds, provider in use). Refuses to measure on another provider."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -34,6 +36,8 @@ def raw_ort_seconds(model_path: Path, batch: int, seconds: float, threads: int =
     so.log_severity_level = 3
     providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
     sess = ort.InferenceSession(str(model_path), so, providers=providers)
+    if sess.get_providers()[0] != provider:
+        raise RuntimeError(f"{provider} did not load for {model_path}: {sess.get_providers()}")
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
     for _ in range(3):
@@ -96,7 +100,8 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
     res: dict[str, dict[int, dict]] = {"echo": {}, "server": {}}
     # Both servers up at once (the idle one costs nothing); the two are measured alternately in
     # short rounds so drift in machine load hits both sides alike.
-    with echo_server() as echo_target, real_server(repo) as sp:
+    dev = {"device": sizes.device}
+    with echo_server(**dev) as echo_target, real_server(repo, **dev) as sp:
         for n in sizes.concurrencies:
             for side, target in (("echo", echo_target), ("server", sp.target)):
                 warm(target, n, **kw)
@@ -107,12 +112,13 @@ def bench_classify(repo: Path, sizes: Sizes) -> list[Row]:
         floors = {}
         for name, flags in FLOORS:
             flags = tuple(str(model_path) if f == "{model}" else f for f in flags)
-            with echo_server(*flags) as floor_target:
+            with echo_server(*flags, **dev) as floor_target:
                 warm(floor_target, n_top, **kw)
                 floors[name] = _rounds(floor_target, echo_target, sizes, concurrency=n_top, **kw)
     for n in sizes.concurrencies:
         e, s = res["echo"][n], res["server"][n]
-        compute_s, _ = raw_ort_seconds(model_path, min(n, MAX_BATCH), 0.3, shape=sizes.shape)
+        compute_s, _ = raw_ort_seconds(model_path, min(n, MAX_BATCH), 0.3, shape=sizes.shape,
+                                       provider=PROVIDERS[sizes.device])
         r = s["rps"] / e["rps"]
         p99_limit = 2 * e["p99_ms"] + compute_s * 1e3
         gated = n == 64
@@ -151,7 +157,8 @@ def bench_uvloop(repo: Path, sizes: Sizes, n: int, kw: dict) -> list[Row]:
         return [Row("classify", f"requests/s N={n}, server and echo on uvloop", None, None, None,
                     "", None, "req/s", "uvloop not installed")]
     flag = ("--event-loop", "uvloop")
-    with echo_server(*flag) as echo_target, real_server(repo, *flag) as sp:
+    dev = {"device": sizes.device}
+    with echo_server(*flag, **dev) as echo_target, real_server(repo, *flag, **dev) as sp:
         for target in (echo_target, sp.target):
             warm(target, n, **kw)
         res = _rounds(sp.target, echo_target, sizes, concurrency=n, **kw)
@@ -173,7 +180,8 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
     kw = {"model": sizes.model, "shape": sizes.shape}
 
     def raw_ips(b: int, seconds: float) -> float:
-        return b / raw_ort_seconds(model_path, b, seconds, shape=sizes.shape)[0]
+        return b / raw_ort_seconds(model_path, b, seconds, shape=sizes.shape,
+                                   provider=PROVIDERS[sizes.device])[0]
 
     raw_sweep = {b: raw_ips(b, max(0.2, sizes.duration_s / 3)) for b in sizes.batch_sizes}
     best_raw_b = max(raw_sweep, key=raw_sweep.get)
@@ -181,12 +189,16 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
     # concurrency 3: one request computes while the next ones are parsed/queued (closed loop).
     load_kw = {"concurrency": 3, "top_k": 1, "warmup": min(sizes.warmup_s, 0.25),
                "keep_latencies": True, **kw}
-    with real_server(repo, *flags) as sp, real_server(repo, *flags, *INLINE_FLAGS) as inline_sp, \
-            echo_server("--model", str(model_path)) as floor_target:
+    dev = {"device": sizes.device}
+    with real_server(repo, *flags, **dev) as sp, \
+            real_server(repo, *flags, *INLINE_FLAGS, **dev) as inline_sp, \
+            echo_server("--model", str(model_path), **dev) as floor_target, \
+            echo_server(**dev) as echo_target:
         sweep = {b: load(sp.target, batch=b, duration=sizes.duration_s / 2, **load_kw)
                  for b in sizes.batch_sizes}
         best_b = max(sweep, key=lambda k: sweep[k]["ips"])
-        sides = {"server": sp.target, "inline": inline_sp.target, "floor": floor_target}
+        sides = {"server": sp.target, "inline": inline_sp.target, "floor": floor_target,
+                 "echo": echo_target}
         for target in sides.values():
             warm(target, 3, batch=best_b, top_k=1, **kw)
         runs: dict[str, list[dict]] = {name: [] for name in (*sides, "uint8")}
@@ -217,11 +229,15 @@ def bench_batched(repo: Path, sizes: Sizes) -> list[Row]:
                    "thread and back")
     floor_note = ("bench.echo_server --model: a handler that only runs the images through ORT and "
                   f"returns a fixed answer; our server reaches {floor_share:.2f}x of it")
+    echo_note = ("bench.echo_server: the same request messages, no model, a fixed answer: what "
+                 f"grpc.aio alone moves at this batch; our server reaches "
+                 f"{best['ips'] / res['echo']['ips']:.2f}x of it")
     notes = {
         "uint8": (f"images/s, batch {best_b} sent as UINT8",
                   "client-side variant: 1 byte/pixel, server scales by 1/255"),
         "inline": (f"images/s, batch {best_b}, batches computed on the event loop", inline_note),
         "floor": (f"images/s, batch {best_b}, model floor (grpc.aio + ORT) vs raw", floor_note),
+        "echo": (f"images/s, batch {best_b}, echo (grpc.aio alone) vs raw", echo_note),
     }
     for name, (figure, note) in notes.items():
         rows.append(Row("batched", figure, res[name]["ips"], ref, res[name]["ips"] / ref, "", None,
@@ -235,16 +251,17 @@ def bench_batching(repo: Path, sizes: Sizes) -> list[Row]:
     request through ORT right on the event loop."""
     kw = {"model": sizes.model, "shape": sizes.shape}
     model_path = str(repo / sizes.model / "1" / "model.onnx")
-    with real_server(repo, "--max-batch", str(MAX_BATCH)) as on, \
-            real_server(repo, "--max-batch", "1") as off:
+    dev = {"device": sizes.device}
+    with real_server(repo, "--max-batch", str(MAX_BATCH), **dev) as on, \
+            real_server(repo, "--max-batch", "1", **dev) as off:
         for sp in (on, off):
             warm(sp.target, 64, **kw)
         res = _rounds(on.target, off.target, sizes, concurrency=64, **kw)
         res = {"off": res.pop("other"), "on": res}
         stats = {"on": batch_stats(on.metrics_port, sizes.model),
                  "off": batch_stats(off.metrics_port, sizes.model)}
-    with echo_server("--batching", "--model", model_path) as floor_on, \
-            echo_server("--model", model_path) as floor_off:
+    with echo_server("--batching", "--model", model_path, **dev) as floor_on, \
+            echo_server("--model", model_path, **dev) as floor_off:
         for target in (floor_on, floor_off):
             warm(target, 64, **kw)
         floor = _rounds(floor_on, floor_off, sizes, concurrency=64, **kw)

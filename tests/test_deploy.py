@@ -512,7 +512,10 @@ def test_server_image_has_no_torch_and_documented_install(name):
     if name == "Dockerfile":
         (arg,) = [a for i, a in instrs if i == "ARG" and a.startswith("CUDA_IMAGE=")]
         image = arg.split("=", 1)[1]
-        assert image.startswith("nvidia/cuda:12.") and "cudnn" in image and "runtime" in image
+        # onnxruntime-gpu >= 1.27 wheels are CUDA 13 builds (1.19-1.26: CUDA 12): majors must match
+        assert image.startswith("nvidia/cuda:13.") and "cudnn" in image and "runtime" in image
+        (spec,) = [a for i, a in instrs if i == "ARG" and a.startswith("ORT_GPU_SPEC=")]
+        assert ">=1.27" in spec, spec
         assert "pip uninstall -y onnxruntime" in runs and "onnxruntime-gpu" in runs
         assert runs.index(SERVER_PIP_LINE) < runs.index("pip uninstall -y onnxruntime")
     else:
