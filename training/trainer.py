@@ -24,6 +24,7 @@ import csv
 import io
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,7 +313,12 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: str | Path, *, resume: bool 
             if progress and main:
                 tqdm.write(f"{desc}: loss {row['loss']:.4f} reg {row['regularizer']:.4f} "
                            f"train {row['train_acc']:.4f} val {row['val_acc']:.4f} ({row['seconds']:.1f}s)")
-            scheduler.step()
+            with warnings.catch_warnings():
+                # A run resumed at the end of an epoch steps its restored scheduler before this
+                # process has stepped the optimizer: the order is right, torch's check cannot tell.
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`",
+                                        UserWarning)
+                scheduler.step()
             state.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0.0, 0, 0, 0.0])
             if main:
                 write_metrics(out, state["metrics"])
