@@ -224,14 +224,16 @@ def test_bad_values_checked_in_the_batch_fail_alone_and_neighbours_are_answered(
 
 def test_queue_overflow_is_resource_exhausted_not_a_hang(digits_repo):
     with InProcessServer(digits_repo, max_batch=1, max_queue=2, max_queue_delay_ms=0) as srv:
-        served = srv.server.repository.get(MODEL)
-        real = served.runtime.run
+        # Slow the model down where the batcher reaches it at call time (its worker holds a
+        # bound ``runtime.run``, so replacing that attribute would not slow anything).
+        package = srv.server.repository.get(MODEL).runtime.package
+        real = package.logits
 
         def slow(x):
             time.sleep(0.05)
             return real(x)
 
-        served.runtime.run = slow
+        package.logits = slow
         with grpc.insecure_channel(srv.target) as ch:
             stub = cpb_grpc.ClassifierStub(ch)
             t0 = time.monotonic()
