@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from robustness.package import CPU, CUDA
+
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -78,7 +80,7 @@ class Sizes:
 
 
 #: ORT provider of each server ``--device`` the benchmarks run on.
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": CPU, "cuda": CUDA}
 
 
 def cache_dir() -> Path:

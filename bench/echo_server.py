@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -28,7 +29,7 @@ import numpy as np
 from bench.common import PROVIDERS
 from proto import classifier_pb2 as cpb
 from proto import classifier_pb2_grpc as cpb_grpc
-from robustness.package import providers_for
+from robustness.package import SessionOptions, make_session
 from robustness.padding import BatchPadder, pad_rows
 from server.config import EVENT_LOOPS
 
@@ -47,13 +48,10 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
         self._cache: dict[tuple[int, int], cpb.ClassifyResponse] = {}
         self._session = None
         if model:
-            import onnxruntime as ort
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-            # the server's own provider options: the floor differs from it only in what it skips
-            self._session = ort.InferenceSession(model, opts, providers=providers_for(device))
-            if self._session.get_providers()[0] != PROVIDERS[device]:
-                raise RuntimeError(f"{PROVIDERS[device]} did not load for {model}")
+            # the server's own session (providers, options, CUDA check): the floor differs from
+            # the server only in what it skips
+            self._session, _ = make_session(Path(model), SessionOptions(device=device,
+                                                                        intra_op_threads=1))
             # and the server's fixed batch on CUDA (robustness/padding.py)
             self._padder = BatchPadder(device == "cuda")
             inp = self._session.get_inputs()[0]

@@ -34,7 +34,7 @@ def raw_ort_seconds(model_path: Path, batch: int, seconds: float, threads: int =
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+    providers = list(dict.fromkeys([provider, PROVIDERS["cpu"]]))
     sess = ort.InferenceSession(str(model_path), so, providers=providers)
     if sess.get_providers()[0] != provider:
         raise RuntimeError(f"{provider} did not load for {model_path}: {sess.get_providers()}")

@@ -42,15 +42,6 @@ CPU = "CPUExecutionProvider"
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE"}
 
 
-def providers_for(device: str) -> list:
-    """ORT ``providers`` for ``device`` ('auto', 'cuda' or 'cpu'): CUDA first (with
-    ``CUDA_OPTIONS``) when this onnxruntime has it, CPU always as the fallback."""
-    ort = _ort()
-    if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
-        return [(CUDA, dict(CUDA_OPTIONS)), CPU]
-    return [CPU]
-
-
 @dataclass(frozen=True)
 class SessionOptions:
     """How to build ORT sessions. ``device``: 'auto' (CUDA if it really loads), 'cuda' or 'cpu'."""
@@ -81,7 +72,8 @@ def make_session(path: Path, opts: SessionOptions):
     so.inter_op_num_threads = int(opts.inter_op_threads)
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    wanted = providers_for(opts.device)
+    cuda_wanted = opts.device in ("auto", "cuda") and CUDA in ort.get_available_providers()
+    wanted: list = [(CUDA, dict(CUDA_OPTIONS)), CPU] if cuda_wanted else [CPU]
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=wanted)
     except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
@@ -89,7 +81,7 @@ def make_session(path: Path, opts: SessionOptions):
     in_use = sess.get_providers()[0]
     if opts.device == "cuda" and in_use != CUDA:
         raise PackageError(f"{path}: CUDA was requested but {in_use} is what loaded")
-    if opts.device == "auto" and len(wanted) > 1 and in_use != CUDA:
+    if opts.device == "auto" and cuda_wanted and in_use != CUDA:
         log.warning("%s: CUDA provider is available but did not load; running on %s", path, in_use)
     return sess, in_use
 
