@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,6 @@ def real_server(repo: Path, *flags: str, env: dict[str, str] | None = None,
                 log_dir: Path | None = None, device: str = "cpu") -> Iterator:
     """``python -m server --device DEVICE`` on free loopback ports (1 intra-op thread unless
     ``flags`` say). The device is explicit so a CPU figure stays CPU on a machine with a GPU."""
-    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="dcs-bench-server-"))
     sp = start_server_process(repo, "--log-level", "warning", "--device", device, *flags, env=env,
                               log_dir=log_dir, timeout=90)
     try:

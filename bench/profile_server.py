@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("flags", nargs="*", help="extra server flags (after --)")
     args = p.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    work = Path(tempfile.mkdtemp(prefix="dcs-prof-"))
+    with tempfile.TemporaryDirectory(prefix="dcs-prof-") as work:
+        return _profile(spy, Path(work), args)
+
+
+def _profile(spy: str, work: Path, args: argparse.Namespace) -> int:
+    """Record the loaded server with py-spy and print the summary (``work``: scratch)."""
     repo = ensure_models(work / "repo")
     out = args.out or work / "server.collapsed"
     with real_server(repo, *args.flags) as sp:

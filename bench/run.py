@@ -87,6 +87,29 @@ def resummarize(path: Path) -> int:
     return 0
 
 
+def _run_benches(only: list[str], repo: Path, sizes: Sizes,
+                 smoke: bool) -> tuple[list[Row], dict[str, float]]:
+    """Run the benches named in ``only`` (in NAMES order); rows and seconds per bench. A bench
+    that raises becomes a failed row, so one broken bench does not hide the others."""
+    benches = _benches()
+    rows: list[Row] = []
+    timings: dict[str, float] = {}
+    for name in (n for n in NAMES if n in only):
+        if smoke and name == "audit":
+            rows.append(Row("audit", "skipped in --smoke (needs the pfe export)", None))
+            continue
+        t0 = time.perf_counter()
+        logging.getLogger("bench").info("running %s", name)
+        try:
+            rows.extend(benches[name](repo, sizes))
+        except Exception as exc:  # noqa: BLE001 - one broken bench must not hide the others
+            traceback.print_exc()
+            rows.append(Row(name, "benchmark raised", None, target="runs", passed=False,
+                            note=f"{type(exc).__name__}: {exc}"[:500]))
+        timings[name] = round(time.perf_counter() - t0, 1)
+    return rows, timings
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--full", action="store_true", help="longer windows, bigger audits")
@@ -111,24 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     info["load_before"] = machine_load()
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="dcs-bench-"))
-    repo = ensure_models(work / "repo", digits_copies=2, pfe=not args.smoke)
-    benches = _benches()
-    rows: list[Row] = []
-    timings: dict[str, float] = {}
-    for name in (n for n in NAMES if n in only):
-        if args.smoke and name == "audit":
-            rows.append(Row("audit", "skipped in --smoke (needs the pfe export)", None))
-            continue
-        t0 = time.perf_counter()
-        logging.getLogger("bench").info("running %s", name)
-        try:
-            rows.extend(benches[name](repo, sizes))
-        except Exception as exc:  # noqa: BLE001 - one broken bench must not hide the others
-            traceback.print_exc()
-            rows.append(Row(name, "benchmark raised", None, target="runs", passed=False,
-                            note=f"{type(exc).__name__}: {exc}"[:500]))
-        timings[name] = round(time.perf_counter() - t0, 1)
+    with tempfile.TemporaryDirectory(prefix="dcs-bench-") as work:
+        repo = ensure_models(Path(work) / "repo", digits_copies=2, pfe=not args.smoke)
+        rows, timings = _run_benches(only, repo, sizes, args.smoke)
     total = time.perf_counter() - t_start
     provider = "CUDAExecutionProvider" if any(
         r.bench == "gpu" and r.value is not None for r in rows) else "CPUExecutionProvider"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,10 @@ class ServerProcess:
     audit_port: int
     log_path: Path
     args: list[str] = field(default_factory=list)
+    #: a temporary folder the helper made for logs and state; removed once the child has ended
+    #: (its log stays readable through ``logs()``)
+    owned_dir: Path | None = None
+    _final_logs: str | None = field(default=None, repr=False)
 
     @property
     def target(self) -> str:
@@ -115,7 +120,16 @@ class ServerProcess:
         return f"{HOST}:{self.audit_port or self.port}"
 
     def logs(self) -> str:
+        if self._final_logs is not None:
+            return self._final_logs
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _release(self) -> None:
+        """Keep the log in memory and remove the helper's own temporary folder (child ended)."""
+        if self.owned_dir is not None and self.proc.poll() is not None:
+            self._final_logs = self.logs()
+            shutil.rmtree(self.owned_dir, ignore_errors=True)
+            self.owned_dir = None
 
     def send_signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -129,7 +143,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+                self._release()
                 raise TimeoutError(f"server did not stop within {timeout} s; logs:\n{self.logs()[-3000:]}")
+        self._release()
         if check_torch:
             logs = self.logs()
             for line in logs.splitlines():
@@ -144,6 +160,7 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._release()
 
 
 def start_server_process(repo: str | Path, *flags: str, env: dict[str, str] | None = None,
@@ -153,7 +170,8 @@ def start_server_process(repo: str | Path, *flags: str, env: dict[str, str] | No
     """Run ``python -m server --repo REPO`` on free loopback ports (torch blocked)."""
     port, mport = free_port(), (free_port() if metrics else 0)
     aport = free_port() if audit_port else 0
-    log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="dcs-server-"))
+    owned = None if log_dir else Path(tempfile.mkdtemp(prefix="dcs-server-"))
+    log_dir = Path(log_dir) if log_dir else owned
     state_dir = Path(state_dir) if state_dir else log_dir / "state"
     args = ["--repo", str(repo), "--host", HOST, "--port", str(port), "--metrics-port", str(mport),
             "--audit-port", str(aport), "--state-dir", str(state_dir), "--grace-period-s", "10",
@@ -167,7 +185,7 @@ def start_server_process(repo: str | Path, *flags: str, env: dict[str, str] | No
                                 stdout=log, stderr=subprocess.STDOUT)
     given = _last_flags(flags)  # a flag repeated in ``flags`` wins (argparse keeps the last)
     sp = ServerProcess(proc, int(given.get("--port", port)), int(given.get("--metrics-port", mport)),
-                       int(given.get("--audit-port", aport)), log_path, args)
+                       int(given.get("--audit-port", aport)), log_path, args, owned)
     if wait_ready:
         try:
             wait_for_health(sp.target, timeout=timeout, proc=proc, ca_file=given.get("--tls-cert"))
@@ -192,7 +210,10 @@ class InProcessServer:
                  **overrides: Any) -> None:
         from server.config import ServerConfig
 
-        state = overrides.pop("state_dir", None) or tempfile.mkdtemp(prefix="dcs-state-")
+        state = overrides.pop("state_dir", None)
+        #: the state folder this helper made (removed by ``stop``); None when the test gave one
+        self.owned_state = None if state else Path(tempfile.mkdtemp(prefix="dcs-state-"))
+        state = state or self.owned_state
         defaults = {"host": HOST, "port": 0, "metrics_port": 0, "audit_port": 0,
                     "poll_interval_s": 0, "grace_period_s": 5, "intra_op_threads": 1,
                     "state_dir": Path(state)}
@@ -238,6 +259,8 @@ class InProcessServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop.close()
+            if self.owned_state is not None:
+                shutil.rmtree(self.owned_state, ignore_errors=True)
 
     def __enter__(self) -> InProcessServer:  # noqa: PYI034
         return self

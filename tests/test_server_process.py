@@ -167,12 +167,14 @@ def test_config_precedence_and_errors(tmp_path, digits_repo):
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_each_event_loop_serves_and_stops_cleanly(digits_repo, tmp_path, loop):
+def test_each_event_loop_serves_and_stops_cleanly(digits_repo, loop):
     """``--event-loop``: both loops classify, drain on SIGTERM and exit 0; the log names the
-    loop in use."""
+    loop in use. (The helper's own temporary folder goes once the child ends; the log stays.)"""
     if loop == "uvloop":
         pytest.importorskip("uvloop")
-    sp = start_server_process(digits_repo, "--event-loop", loop, log_dir=tmp_path)
+    sp = start_server_process(digits_repo, "--event-loop", loop)
+    own = sp.owned_dir
+    assert own is not None and sp.log_path.parent == own
     with sp, grpc.insecure_channel(sp.target) as ch:
         x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
         resp = cpb_grpc.ClassifierStub(ch).Classify(cpb.ClassifyRequest(
@@ -181,6 +183,7 @@ def test_each_event_loop_serves_and_stops_cleanly(digits_repo, tmp_path, loop):
         assert len(resp.predictions) == 3
         assert sp.stop(timeout=20) == 0
     assert f"event loop: {loop}" in sp.logs()
+    assert not own.exists()
 
 
 def test_default_event_loop_is_asyncio(proc_server):
