@@ -30,6 +30,7 @@ from server.servicers import (
     INFERENCE_SERVICE,
     ClassifierServicer,
     InferenceServicer,
+    classify_answers,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Server:
                        max_queue=self.config.max_queue,
                        metrics=self.metrics, inline_compute_ms=self.config.inline_compute_ms,
                        overlap=self.config.batch_overlap == "on",
-                       process=functools.partial(score_batch, runtime.run))
+                       process=functools.partial(score_batch, runtime.run,
+                                                 encode=classify_answers(runtime).encode))
 
     def _new_grpc(self) -> grpc.aio.Server:
         limit = self.config.max_message_bytes

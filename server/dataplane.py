@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,13 +28,13 @@ class TopK:
     logits: np.ndarray   # [N, k] float32
 
 
-@dataclass(slots=True)  # read-only by convention; built per request (see TopK)
-class Scored:
+@dataclass(slots=True)
+class BatchScores:
     """A batch's model output, post-processed once per batch in the model's worker thread.
 
-    Ranking and the [0, 1] check are vectorized over the whole batch there instead of costing
-    numpy calls per request on the event loop (bench/analysis.md). ``scored[a:b]`` is one
-    request's rows (views, no copy).
+    Ranking, the [0, 1] check and (when the server asks) the encoded classify answers are
+    computed over the whole batch there instead of per request on the event loop
+    (bench/analysis.md). ``batch[a:b]`` is one request's rows.
     """
     logits: np.ndarray         # [N, C] float32, as the model returned them
     order: np.ndarray          # [N, C] class indices by descending probability (stable)
@@ -41,24 +42,50 @@ class Scored:
     ranked_logits: np.ndarray  # [N, C] float32 logits in that order
     in_range: np.ndarray       # [N] bool: the input row was finite and within [0, 1]
     all_in_range: bool         # in_range.all(), so a request of a clean batch skips the check
+    encoded: Any = None        # what ``score_batch``'s ``encode`` made of the ranking, if any
 
     def __len__(self) -> int:
         return len(self.logits)
 
     def __getitem__(self, rows: slice) -> Scored:
-        in_range = self.in_range[rows]
-        return Scored(self.logits[rows], self.order[rows], self.probs[rows],
-                      self.ranked_logits[rows], in_range,
-                      self.all_in_range or bool(in_range.all()))
+        start, stop, _ = rows.indices(len(self.logits))
+        return Scored(self, start, stop)
+
+
+class Scored:
+    """One request's rows ``start:stop`` of a :class:`BatchScores`; arrays are views made on use."""
+
+    __slots__ = ("batch", "start", "stop")
+
+    def __init__(self, batch: BatchScores, start: int, stop: int) -> None:
+        self.batch = batch
+        self.start = start
+        self.stop = stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.batch.logits[self.start:self.stop]
+
+    @property
+    def all_in_range(self) -> bool:
+        b = self.batch
+        return b.all_in_range or bool(b.in_range[self.start:self.stop].all())
 
     def top(self, k: int) -> TopK:
         """The ``k`` most probable classes of every row (``k`` clipped to [1, C])."""
-        k = max(1, min(int(k), self.logits.shape[1]))
-        return TopK(self.order[:, :k], self.probs[:, :k], self.ranked_logits[:, :k])
+        b, rows = self.batch, slice(self.start, self.stop)
+        k = max(1, min(int(k), b.logits.shape[1]))
+        return TopK(b.order[rows, :k], b.probs[rows, :k], b.ranked_logits[rows, :k])
 
 
-def score_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> Scored:
-    """Run the model on ``x`` and rank every row's classes; flags rows outside [0, 1] or NaN."""
+def score_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
+                encode: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None
+                ) -> BatchScores:
+    """Run the model on ``x`` and rank every row's classes; flags rows outside [0, 1] or NaN.
+    ``encode(order, probs, ranked_logits)``, if given, is stored as ``encoded``."""
     flat = x.reshape(len(x), -1)
     in_range = (flat.min(axis=1) >= 0.0) & (flat.max(axis=1) <= 1.0)  # NaN fails both
     logits = np.asarray(run(x), dtype=np.float32)
@@ -66,8 +93,10 @@ def score_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> Score
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
     order = np.argsort(-p, axis=1, kind="stable")
-    return Scored(logits, order, np.take_along_axis(p, order, 1),
-                  np.take_along_axis(logits, order, 1), in_range, bool(in_range.all()))
+    probs = np.take_along_axis(p, order, 1)
+    ranked = np.take_along_axis(logits, order, 1)
+    return BatchScores(logits, order, probs, ranked, in_range, bool(in_range.all()),
+                       encode(order, probs, ranked) if encode is not None else None)
 
 
 class DataPlane:

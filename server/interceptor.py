@@ -52,6 +52,17 @@ def _tolerant(deserializer):
     return parse
 
 
+def _passthrough(serializer):
+    """The response serializer, except that a handler may return the serialized bytes itself
+    (``server.answers``: classify answers encoded in the batch worker)."""
+    if serializer is None:
+        return None
+
+    def serialize(response) -> bytes:
+        return response if response.__class__ is bytes else serializer(response)
+    return serialize
+
+
 def _check_parsed(request, method: str) -> None:
     if isinstance(request, _Malformed):
         raise InvalidInput(f"request to {method} is not a valid protobuf message "
@@ -122,7 +133,7 @@ class ErrorInterceptor:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(name, handler.unary_unary),
                 request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer)
+                response_serializer=_passthrough(handler.response_serializer))
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(name, handler.unary_stream),

@@ -145,7 +145,8 @@ def test_score_batch_ranks_like_a_softmax_sort_and_flags_bad_rows():
     assert scored.order[5, :3].tolist() == [1, 2, 4]
     top = scored[2:4].top(3)  # one request's rows: views of the batch
     assert top.indices.shape == (2, 3) and top.indices.tolist() == scored.order[2:4, :3].tolist()
-    assert scored.top(99).indices.shape == (6, 7) and scored.top(0).indices.shape == (6, 1)
+    assert scored[:].top(99).indices.shape == (6, 7) and scored[:].top(0).indices.shape == (6, 1)
+    assert scored.encoded is None  # nothing to encode with
 
 
 def test_process_runs_once_per_batch_and_each_caller_gets_its_rows():
