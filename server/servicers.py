@@ -12,9 +12,9 @@ from proto import classifier_pb2_grpc as cpb_grpc
 from proto import grpc_predict_v2_pb2 as ipb
 from proto import grpc_predict_v2_pb2_grpc as ipb_grpc
 from robustness.manifest import INPUT_NAME, LOGITS_NAME
+from server.answers import ClassifyAnswers, classify_answer
 from server.dataplane import DataPlane
 from server.errors import InvalidInput
-from server.answers import ClassifyAnswers, classify_answer
 from server.repository import Served
 from server.runtime import ModelRuntime
 

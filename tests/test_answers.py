@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 
 from proto import classifier_pb2 as cpb
 from server.answers import ClassifyAnswers, classify_answer, varint
