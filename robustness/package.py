@@ -227,6 +227,17 @@ class ModelPackage:
                 "grad_sha256": self.grad_sha256, "path": str(self.path), "provider": self.provider}
 
 
+def _utf8_text(value: Any) -> bool:
+    """A str that encodes as UTF-8 (JSON can carry lone surrogates, protobuf strings cannot)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def load_package(package_dir: str | Path, options: SessionOptions | None = None) -> ModelPackage:
     """Verify and open the package at ``<repo>/<name>/<version>``. Raises PackageError."""
     opts = options or SessionOptions()
@@ -242,6 +253,10 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
         raise PackageError(f"{package_dir / 'manifest.json'}: bad input/labels entry ({exc})") from None
     if not labels:
         raise PackageError(f"{package_dir / 'manifest.json'}: labels is empty")
+    for label in labels:
+        if not _utf8_text(label):
+            raise PackageError(f"{package_dir / 'manifest.json'}: labels must be UTF-8 strings, "
+                               f"got {label!r} ({type(label).__name__})")
 
     model_path = package_dir / MODEL_FILE
     sess, provider = make_session(model_path, opts)

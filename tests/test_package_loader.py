@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from robustness.manifest import PackageError
+from robustness.manifest import PackageError, seal
 from robustness.package import load_package
 from robustness.testing import digits_package, load_digits_nchw
 from tests.torchless import run_without_torch
@@ -44,6 +44,15 @@ def test_hand_edited_manifest_is_refused(pkg_dir):
     m["labels"][0] = "zero"
     (pkg_dir / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(PackageError, match="manifest"):
+        load_package(pkg_dir)
+
+
+@pytest.mark.parametrize(("label", "shown"), [(3, r"3 \(int\)"), ("\ud800", r"'\\ud800' \(str\)")])
+def test_labels_that_are_not_utf8_strings_are_refused(pkg_dir, label, shown):
+    m = json.loads((pkg_dir / "manifest.json").read_text())
+    m["labels"][3] = label  # a re-sealed manifest: the digest is right, the entry is not
+    (pkg_dir / "manifest.json").write_text(json.dumps(seal(m)))
+    with pytest.raises(PackageError, match="labels must be UTF-8 strings, got " + shown):
         load_package(pkg_dir)
 
 
