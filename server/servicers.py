@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import struct
-import weakref
 
 import numpy as np
 
@@ -42,18 +41,6 @@ def classify_answers(rt: ModelRuntime) -> ClassifyAnswers:
     return ClassifyAnswers(runtime_ref(rt).SerializeToString(), rt.labels)
 
 
-_REFS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Served -> ModelRef
-
-
-def served_ref(served: Served) -> cpb.ModelRef:
-    """``model_ref`` built once per loaded package (upb copies it into each response); the entry
-    goes with the package on unload."""
-    ref = _REFS.get(served)
-    if ref is None:
-        ref = _REFS[served] = model_ref(served)
-    return ref
-
-
 def model_summary(served: Served, ready: bool) -> cpb.ModelSummary:
     rt = served.runtime
     defense = rt.manifest.get("defense", {})
@@ -82,7 +69,7 @@ class ClassifierServicer(cpb_grpc.ClassifierServicer):
         top = scored.top(k)
         labels = served.runtime.labels
         # add() on the repeated fields builds in place: half the cost of nested constructors
-        response = cpb.ClassifyResponse(model=served_ref(served))
+        response = cpb.ClassifyResponse(model=model_ref(served))
         for idx, probs, zs in zip(top.indices.tolist(), top.probs.tolist(), top.logits.tolist()):
             scores = response.predictions.add().top
             for j, p, z in zip(idx, probs, zs):
