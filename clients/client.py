@@ -191,6 +191,37 @@ class Client:
         reply = self._call("ListModels", self._classifier.ListModels, cpb.ListModelsRequest())
         return [ModelInfo.from_pb(m) for m in reply.models]
 
+    def wait_ready(self, model: str | None = None, *, timeout_s: float = 60.0) -> list[ModelInfo]:
+        """Block until the server answers and ``model`` is loaded and ready (with None: at least
+        one model, all of them ready); returns the models. A starting server listens before its
+        models are loaded, so ``models()`` alone can answer an empty list. Polls with the client's
+        backoff; raises Unavailable with the last reason once ``timeout_s`` has passed."""
+        if timeout_s < 0:
+            raise InvalidArgument(f"timeout_s is {timeout_s}; expected >= 0")
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            try:
+                reply = self._call("ListModels", self._classifier.ListModels,
+                                   cpb.ListModelsRequest(), retry=False)
+            except Unavailable as exc:
+                why = exc.details
+            else:
+                infos = [ModelInfo.from_pb(m) for m in reply.models]
+                ready = [m for m in infos if m.ready]
+                if (model is None and ready and len(ready) == len(infos)) or \
+                        any(m.name == model for m in ready):
+                    return infos
+                why = (f"model {model!r} is not loaded and ready (serving: "
+                       f"{', '.join(m.name for m in ready) or 'none'})" if model
+                       else f"{len(ready)} of {len(infos)} models ready")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable(f"{self.target} not ready after {timeout_s:g} s: {why}",
+                                  method="ListModels")
+            time.sleep(min(left, self._sleep_before(attempt)))
+            attempt += 1
+
     def model(self, name: str, version: int | None = None) -> ModelInfo:
         """One model with its input spec and manifest."""
         reply = self._call("GetModel", self._classifier.GetModel,

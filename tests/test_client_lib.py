@@ -52,6 +52,21 @@ def client(server):
         yield c
 
 
+def test_wait_ready_returns_the_models_or_says_what_is_missing(client):
+    assert [m.name for m in client.wait_ready(MODEL, timeout_s=5)] == [MODEL]
+    assert [m.name for m in client.wait_ready(timeout_s=5)] == [MODEL]
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="model 'nope' is not loaded and ready .serving: "
+                                          + MODEL):
+        client.wait_ready("nope", timeout_s=0.3)
+    assert time.monotonic() - t0 < 3
+    with Client(f"{HOST}:{free_port()}", retries=0, timeout_s=1) as nobody:
+        with pytest.raises(Unavailable, match="not ready after 0.3 s"):
+            nobody.wait_ready(timeout_s=0.3)
+    with pytest.raises(InvalidArgument):
+        client.wait_ready(timeout_s=-1)
+
+
 def test_models_and_model(client):
     models = client.models()
     assert [m.name for m in models] == [MODEL]
@@ -212,8 +227,9 @@ def test_retries_until_the_server_comes_up(digits_repo, caplog):
         with caplog.at_level(logging.INFO, logger="clients.client"), \
                 Client(target, retries=60, backoff_s=0.1, max_backoff_s=0.5, timeout_s=5) as c:
             thread.start()
-            models = c.models()  # first attempt fails: nothing listens yet
-        assert [m.name for m in models] == [MODEL]
+            c.models()  # first attempt fails: nothing listens yet; retried until it answers
+            models = c.wait_ready(MODEL, timeout_s=60)  # it listens before its models load
+        assert [m.name for m in models] == [MODEL] and models[0].ready
         assert "UNAVAILABLE" in caplog.text and "retry 1/60" in caplog.text
     finally:
         thread.join(timeout=30)
@@ -274,7 +290,7 @@ def test_tls_with_ca(digits_repo, tmp_path):
     try:
         with Client(sp.target, tls=TLSConfig(ca_file=cert), retries=60, backoff_s=0.1,
                     max_backoff_s=0.5) as c:
-            assert [m.name for m in c.models()] == [MODEL]  # retried until the server is up
+            assert [m.name for m in c.wait_ready(MODEL)] == [MODEL]  # polled until loaded
         # plaintext to a TLS port
         with Client(sp.target, retries=0, timeout_s=3) as plain, pytest.raises(Unavailable):
             plain.models()
