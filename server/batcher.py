@@ -11,8 +11,12 @@ collecting once the running one is done, so under load its window adds to what q
 the compute and batches come out about twice as big (bench: 22 vs 11 at 64 clients: fewer
 batches for a loop-bound server). With ``overlap`` the next batch fills while the running one
 computes and goes the moment the model is free (``max_inflight`` batches run at once, 1 by
-default): the choice for a model whose compute, not the event loop, is the limit. Batches whose
-expected compute is tiny run on the event loop thread (``inline_compute_ms``); the rest in the
+default): the choice for a model whose compute, not the event loop, is the limit. In both modes
+a batch that cannot grow any more (``max_batch`` examples, or the next request does not fit) is
+dispatched at once, one ahead of the running ones: it waits in the worker thread's queue and
+starts the moment the model is free, without a round trip through the event loop, which is busy
+answering the batch just done at that moment (bench ``batched``: the worker's idle time between
+batches of 128 went from 9% to 2%). Batches whose expected compute is tiny run on the event loop thread (``inline_compute_ms``); the rest in the
 executor.
 A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails, its
 requests are retried one by one so a single bad request cannot fail its neighbours.
@@ -78,8 +82,9 @@ class Batcher:
         # waits for a first request, what would fill the batch during its window, never while
         # it waits for a free slot. One wake-up per batch instead of one per request.
         self._wake_at: float = math.inf
-        self._slots = asyncio.Semaphore(max_inflight)
-        self._arrived = asyncio.Event()  # set by submit; wakes a batch that is collecting
+        self.max_inflight = max_inflight
+        # set by submit (``_wake_at`` examples queued) and when a batch is done
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
         self._carry: _Item | None = None
@@ -162,7 +167,8 @@ class Batcher:
     async def _next_batch(self) -> list[_Item]:
         """The next batch: wait up to ``max_queue_delay`` for company (only if the previous batch
         held more than one request), then, if the previous batch still computes (``overlap``),
-        keep collecting until it is done. Returns holding an in-flight slot."""
+        keep collecting until it is done. A batch that cannot grow any more goes at once, one
+        ahead of the running ones: it waits in the worker's queue, not for the event loop."""
         loop = asyncio.get_running_loop()
         first = self._carry if self._carry is not None else await self._first()
         self._carry = None
@@ -175,10 +181,23 @@ class Batcher:
         while total < self.max_batch and self._carry is None and loop.time() < deadline:
             await self._arrival(deadline, self.max_batch - total)
             total = self._drain(items, total)
-        await self._slots.acquire()
-        self._drain(items, total)  # what arrived while the previous batch computed
+        while len(self._running) >= self.max_inflight and not self._may_go_ahead(total):
+            await self._arrival(None, self.max_batch - total)  # a batch done, or enough queued
+            total = self._drain(items, total)  # what arrived while the previous batch computed
         self._last_items = len(items)
         return items
+
+    def _may_go_ahead(self, total: int) -> bool:
+        """May this batch be dispatched while ``max_inflight`` batches run? Only when it is
+        full (or its next request does not fit), runs in the worker, and none is ahead yet."""
+        return ((total >= self.max_batch or self._carry is not None)
+                and len(self._running) <= self.max_inflight and not self.inline(total))
+
+    async def _done_or_full(self, task: asyncio.Task) -> None:
+        """Wait until ``task`` is done or a full batch is queued that may go ahead."""
+        while not task.done() and (self._queued < self.max_batch
+                                   or len(self._running) > self.max_inflight):
+            await self._arrival(None, self.max_batch)
 
     def _drain(self, items: list[_Item], total: int) -> int:
         """Move queued requests into the batch until it is full (or one does not fit)."""
@@ -227,11 +246,13 @@ class Batcher:
             self._running[task] = items
             task.add_done_callback(self._batch_done)
             if not self.overlap:
-                await asyncio.wait((task,))  # the next batch collects once this one is done
+                # the next batch collects once this one is done, or at once when a full batch
+                # queued meanwhile: that one goes to the worker's queue, ready when it is free
+                await self._done_or_full(task)
 
     def _batch_done(self, task: asyncio.Task) -> None:
         items = self._running.pop(task, [])
-        self._slots.release()
+        self._arrived.set()  # wakes the loop if it waits for a free worker
         if task.cancelled():
             return
         exc = task.exception()

@@ -81,14 +81,26 @@ class Scored:
         return TopK(b.order[rows, :k], b.probs[rows, :k], b.ranked_logits[rows, :k])
 
 
+def _rows_in_range(x: np.ndarray) -> np.ndarray:
+    """Per row of ``x``: all values finite and within [0, 1] (NaN fails both comparisons)."""
+    flat = x.reshape(len(x), -1)
+    if flat.min() >= 0.0 and flat.max() <= 1.0:  # the usual clean batch: two passes, no rows
+        return np.ones(len(x), dtype=bool)
+    return (flat.min(axis=1) >= 0.0) & (flat.max(axis=1) <= 1.0)
+
+
 def score_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
                 encode: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None
                 ) -> BatchScores:
     """Run the model on ``x`` and rank every row's classes; flags rows outside [0, 1] or NaN.
-    ``encode(order, probs, ranked_logits)``, if given, is stored as ``encoded``."""
-    flat = x.reshape(len(x), -1)
-    in_range = (flat.min(axis=1) >= 0.0) & (flat.max(axis=1) <= 1.0)  # NaN fails both
+    ``encode(order, probs, ranked_logits)``, if given, is stored as ``encoded``.
+
+    The model runs first: the worker picks a batch up just as the event loop is busy answering
+    the previous one, and numpy's checks release the GIL, which the worker then waits to get
+    back (0.85 ms per batch of 128 in bench/, 8% of its time). After the model the loop is idle.
+    """
     logits = np.asarray(run(x), dtype=np.float32)
+    in_range = _rows_in_range(x)
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)

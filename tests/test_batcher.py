@@ -143,6 +143,9 @@ def test_score_batch_ranks_like_a_softmax_sort_and_flags_bad_rows():
         assert scored.probs[i] == pytest.approx(p[i, want], abs=1e-6)
         assert scored.ranked_logits[i] == pytest.approx(logits[i, want])
     assert scored.order[5, :3].tolist() == [1, 2, 4]
+    assert not scored.all_in_range
+    clean = score_batch(lambda _: logits, np.clip(np.nan_to_num(x), 0.0, 1.0))
+    assert clean.all_in_range and clean.in_range.tolist() == [True] * 6
     top = scored[2:4].top(3)  # one request's rows: views of the batch
     assert top.indices.shape == (2, 3) and top.indices.tolist() == scored.order[2:4, :3].tolist()
     assert scored[:].top(99).indices.shape == (6, 7) and scored[:].top(0).indices.shape == (6, 1)
@@ -215,7 +218,7 @@ def test_queue_depth_gauge_reads_the_live_queue_at_scrape_time():
                     max_queue=64)
         b.start()
         futs = [asyncio.ensure_future(b.submit(_x(i))) for i in range(4)]
-        await asyncio.sleep(0.05)  # [0] computes, [1], [2] and [3] wait
+        await asyncio.sleep(0.05)  # [0] computes, [1] waits in the worker's queue, [2], [3] queue
         during = depth(), b.depth
         await asyncio.gather(*futs)
         after = depth()
@@ -223,7 +226,7 @@ def test_queue_depth_gauge_reads_the_live_queue_at_scrape_time():
         return during, after
 
     during, after = asyncio.run(main())
-    assert during == (3.0, 3) and after == 0.0
+    assert during == (2.0, 2) and after == 0.0
 
 
 @pytest.mark.parametrize("overlap, expected", [(False, [2, 2]), (True, [2, 1, 1])])
@@ -248,3 +251,46 @@ def test_without_overlap_the_window_starts_once_the_model_is_free(overlap, expec
     out = asyncio.run(main())
     assert rt.batches == expected
     assert [float(o[0, 0]) for o in out] == [0.0, 2.0, 4.0, 6.0]
+
+
+class _TimedRuntime(FakeRuntime):
+    """FakeRuntime that records when each batch started and ended (perf_counter)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.spans: list[tuple[float, float]] = []
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        out = super().run(x)
+        self.spans.append((start, time.perf_counter()))
+        return out
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_full_batch_waits_in_the_worker_not_for_the_event_loop(overlap):
+    """Batch [0, 1] computes 0.2 s; the full batch [2, 3] queued behind it is dispatched ahead,
+    so it starts the moment the first ends although the event loop is blocked from 0.05 s to
+    0.45 s. The partial batch [4] after it waits for a free model, as before."""
+    rt = _TimedRuntime(seconds=0.2)
+
+    async def main():
+        b = _batcher(rt, max_batch=2, overlap=overlap)
+        b.start()
+        futs = [asyncio.ensure_future(b.submit(np.full((2, 2), v, np.float32))) for v in (0, 2)]
+        futs.append(asyncio.ensure_future(b.submit(_x(4))))
+        await asyncio.sleep(0.05)
+        # one batch runs, one waits in the worker; [4] is queued (with overlap: collecting)
+        assert b.depth == (0 if overlap else 1)
+        blocked = time.perf_counter()
+        time.sleep(0.4)  # the loop is busy elsewhere while the first batch ends
+        out = await asyncio.gather(*futs)
+        await b.close()
+        return blocked, out
+
+    blocked, out = asyncio.run(main())
+    assert rt.batches == [2, 2, 1]
+    (_, end0), (start1, end1), (start2, _) = rt.spans
+    assert start1 - end0 < 0.05 and start1 < blocked + 0.4  # started while the loop was blocked
+    assert start2 >= end1  # never two batches on the model at once
+    assert [float(o[0, 0]) for o in out] == [0.0, 4.0, 8.0]
