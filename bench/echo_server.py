@@ -32,6 +32,7 @@ from proto import classifier_pb2_grpc as cpb_grpc
 from robustness.package import SessionOptions, make_session
 from robustness.padding import BatchPadder, pad_rows
 from server.config import EVENT_LOOPS
+from server.priority import lower_thread_priority
 
 
 def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
@@ -44,7 +45,7 @@ def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
 
 class EchoClassifier(cpb_grpc.ClassifierServicer):
     def __init__(self, batching: bool = False, delay_s: float = 0.002, model: str = "",
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", worker_niceness: int = 10) -> None:
         self._cache: dict[tuple[int, int], cpb.ClassifyResponse] = {}
         self._session = None
         if model:
@@ -60,7 +61,9 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
         self._batching = batching
         self._delay_s = delay_s
         self._queue: asyncio.Queue | None = None
-        self._pool = ThreadPoolExecutor(1) if batching else None
+        # the server's thread priorities too (server.priority): the batch worker below the loop
+        self._pool = ThreadPoolExecutor(1, initializer=lower_thread_priority,
+                                        initargs=(worker_niceness,)) if batching else None
 
     async def Classify(self, request: cpb.ClassifyRequest, context) -> cpb.ClassifyResponse:
         shape = request.images.shape
@@ -105,11 +108,11 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
 
 
 async def serve(port: int, max_message_bytes: int, batching: bool = False, delay_ms: float = 2.0,
-                model: str = "", device: str = "cpu") -> None:
+                model: str = "", device: str = "cpu", worker_niceness: int = 10) -> None:
     opts = [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=opts)
-    servicer = EchoClassifier(batching, delay_ms / 1000, model, device)
+    servicer = EchoClassifier(batching, delay_ms / 1000, model, device, worker_niceness)
     cpb_grpc.add_ClassifierServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--batching): the floor of any design that serves this model")
     p.add_argument("--device", default="cpu", choices=sorted(PROVIDERS),
                    help="where --model runs (ORT provider)")
+    p.add_argument("--worker-niceness", type=int, default=10, choices=range(20),
+                   metavar="0..19", help="niceness added to the --batching worker thread (the "
+                   "server's --worker-niceness default)")
     p.add_argument("--event-loop", default="asyncio", choices=EVENT_LOOPS,
                    help="same choice and default as the server's, so the reference runs on the "
                    "loop the server runs on")
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.__main__ import loop_factory, run
     try:
         run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms, args.model,
-                  args.device),
+                  args.device, args.worker_niceness),
             loop_factory(args.event_loop)[1])
     except KeyboardInterrupt:
         pass

@@ -67,6 +67,7 @@ class Server:
                        max_queue=self.config.max_queue,
                        metrics=self.metrics, inline_compute_ms=self.config.inline_compute_ms,
                        overlap=self.config.batch_overlap == "on",
+                       niceness=self.config.worker_niceness,
                        process=functools.partial(score_batch, runtime.run,
                                                  encode=classify_answers(runtime).encode))
 

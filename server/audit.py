@@ -52,6 +52,7 @@ from server.jobs import (
     JobStore,
 )
 from server.metrics import AUDIT_STATES, ServerMetrics
+from server.priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,12 @@ class AuditManager:
         self._dp = dataplane
         self._metrics = metrics
         self.store = JobStore(config.state_dir)
+        # Audits are background work: their threads (and ORT's pool threads they create) run
+        # below the event loop and the model workers (server.priority).
         self._executor = ThreadPoolExecutor(max_workers=config.max_concurrent_audits,
-                                            thread_name_prefix="audit")
+                                            thread_name_prefix="audit",
+                                            initializer=lower_thread_priority,
+                                            initargs=(config.audit_niceness,))
         self._live: dict[str, _Live] = {}
         self._active: set[str] = set()  # queued or running; updated by the worker synchronously
         self._active_lock = threading.Lock()

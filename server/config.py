@@ -87,6 +87,10 @@ OPTIONS: tuple[Option, ...] = (
            "free (for models whose compute is the limit, e.g. on a GPU); off: start collecting "
            "once the batch is done, which makes bigger batches when the event loop is the limit",
            choices=("off", "on")),
+    Option("worker_niceness", int, 10,
+           "niceness added to each model's worker thread (Linux): when cores are short the "
+           "event loop, which every request passes, keeps its core (bench: 7-14 percent more classify "
+           "req/s at 64 clients on 2 cores); 0 = same priority as the loop"),
     Option("max_message_bytes", int, 16 * MiB, "largest gRPC message accepted or sent, bytes"),
     Option("tls_cert", _opt_path, None, "PEM certificate chain; with --tls-key enables TLS"),
     Option("tls_key", _opt_path, None, "PEM private key for --tls-cert"),
@@ -104,6 +108,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_audit_queries", int, 50_000_000,
            "per-example model queries (logits) per audit job; bounds score-only attacks"),
     Option("audit_threads", int, 1, "ORT intra-op threads per audit job session"),
+    Option("audit_niceness", int, 19,
+           "niceness added to audit threads (Linux; capped at 19): audits are background work "
+           "that yields the CPU to classify; 0 = same priority as the event loop"),
     Option("event_loop", str, "asyncio", "event loop: asyncio (the loop gRPC tests grpc.aio on), "
            "uvloop (libuv; more classify throughput in bench/, less tested with grpc.aio), or "
            "auto = uvloop when installed", choices=EVENT_LOOPS),
@@ -128,6 +135,7 @@ class ServerConfig:
     max_queue: int = 256
     inline_compute_ms: float = 0.0
     batch_overlap: str = "off"
+    worker_niceness: int = 10
     max_message_bytes: int = 16 * MiB
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -143,6 +151,7 @@ class ServerConfig:
     max_audit_gradients: int = 5_000_000
     max_audit_queries: int = 50_000_000
     audit_threads: int = 1
+    audit_niceness: int = 19
     event_loop: str = "asyncio"
     log_level: str = "info"
     config_file: Path | None = None
@@ -176,6 +185,9 @@ class ServerConfig:
         for a, b in (("port", "metrics_port"), ("port", "audit_port"), ("metrics_port", "audit_port")):
             if ports[a] and ports[a] == ports[b]:
                 raise bad(b, f"must differ from --{a.replace('_', '-')}={ports[a]}")
+        for name in ("worker_niceness", "audit_niceness"):
+            if not 0 <= getattr(self, name) <= 19:
+                raise bad(name, "expected 0..19 (added to the thread's niceness, capped at 19)")
         if self.intra_op_threads < 0:
             raise bad("intra_op_threads", "expected >= 0 (0 = ORT decides)")
         if self.max_message_bytes < 1024:

@@ -271,3 +271,16 @@ class InProcessServer:
 
 async def _make(cls, config):
     return cls(config)
+
+
+def task_niceness(pid: int | str = "self") -> dict[int, int]:
+    """Niceness of every thread of process ``pid`` by thread id (Linux: field 19 of
+    ``/proc/<pid>/task/<tid>/stat``)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = int(stat.rsplit(")", 1)[1].split()[16])
+    return out

@@ -7,6 +7,7 @@ tests); everything else (queue, worker thread, metrics) is the real code.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -18,6 +19,7 @@ from server.batcher import Batcher, BatcherClosed
 from server.dataplane import score_batch
 from server.errors import QueueFull
 from server.metrics import ServerMetrics
+from server.priority import lower_thread_priority, thread_niceness
 
 
 class FakeRuntime:
@@ -283,7 +285,7 @@ def test_a_full_batch_waits_in_the_worker_not_for_the_event_loop(overlap):
         # one batch runs, one waits in the worker; [4] is queued (with overlap: collecting)
         assert b.depth == (0 if overlap else 1)
         blocked = time.perf_counter()
-        time.sleep(0.4)  # the loop is busy elsewhere while the first batch ends
+        time.sleep(0.4)  # noqa: ASYNC251 - the loop is busy elsewhere while the first batch ends
         out = await asyncio.gather(*futs)
         await b.close()
         return blocked, out
@@ -294,3 +296,40 @@ def test_a_full_batch_waits_in_the_worker_not_for_the_event_loop(overlap):
     assert start1 - end0 < 0.05 and start1 < blocked + 0.4  # started while the loop was blocked
     assert start2 >= end1  # never two batches on the model at once
     assert [float(o[0, 0]) for o in out] == [0.0, 4.0, 8.0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_the_worker_thread_lowers_its_own_priority():
+    """``niceness``: the worker adds it to its own niceness (capped at 19); the caller's thread
+    (the event loop's) keeps its own."""
+    seen: list[int | None] = []
+
+    class Recording(FakeRuntime):
+        def run(self, x):
+            seen.append(thread_niceness())
+            return super().run(x)
+
+    base = thread_niceness()
+
+    async def main(niceness):
+        b = _batcher(Recording(), niceness=niceness)
+        b.start()
+        await b.submit(_x(1))
+        await b.close()
+
+    for niceness in (0, 5, 40):
+        asyncio.run(main(niceness))
+    assert seen == [base, min(19, base + 5), 19] and thread_niceness() == base
+
+
+def test_lower_thread_priority_refuses_nothing_and_changes_only_its_thread():
+    assert lower_thread_priority(0) is None and lower_thread_priority(-3) is None
+    if not sys.platform.startswith("linux"):
+        assert lower_thread_priority(5) is None
+        return
+    base = thread_niceness()
+    got: list = []
+    t = threading.Thread(target=lambda: got.extend([lower_thread_priority(3), thread_niceness()]))
+    t.start()
+    t.join(timeout=10)
+    assert got == [min(19, base + 3)] * 2 and thread_niceness() == base

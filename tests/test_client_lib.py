@@ -60,9 +60,9 @@ def test_wait_ready_returns_the_models_or_says_what_is_missing(client):
                                           + MODEL):
         client.wait_ready("nope", timeout_s=0.3)
     assert time.monotonic() - t0 < 3
-    with Client(f"{HOST}:{free_port()}", retries=0, timeout_s=1) as nobody:
-        with pytest.raises(Unavailable, match="not ready after 0.3 s"):
-            nobody.wait_ready(timeout_s=0.3)
+    with Client(f"{HOST}:{free_port()}", retries=0, timeout_s=1) as nobody, \
+            pytest.raises(Unavailable, match="not ready after 0.3 s"):
+        nobody.wait_ready(timeout_s=0.3)
     with pytest.raises(InvalidArgument):
         client.wait_ready(timeout_s=-1)
 

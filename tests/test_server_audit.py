@@ -4,6 +4,8 @@ limits, metrics."""
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
 
 import grpc
@@ -18,7 +20,13 @@ from robustness.report import strip_nondeterministic
 from robustness.suites import Suite
 from robustness.testing import load_digits_nchw
 from server.jobs import RUNNING, JobStore
-from tests.server_helpers import InProcessServer, free_port, sample_value, scrape_metrics
+from tests.server_helpers import (
+    InProcessServer,
+    free_port,
+    sample_value,
+    scrape_metrics,
+    task_niceness,
+)
 
 MODEL = "digits-mlp"
 TOKEN = "t0ken-for-tests"
@@ -110,6 +118,10 @@ def test_audit_streams_progress_to_completion_and_report_equals_offline(server, 
     assert (sample_value(after, "dcs_audit_gradient_evaluations_total")
             - sample_value(before, "dcs_audit_gradient_evaluations_total")) >= report["totals"]["gradients"] * 0.9
     assert sample_value(after, "dcs_audit_duration_seconds_count", state="succeeded") >= 1
+    if sys.platform.startswith("linux"):  # --audit-niceness 19: background work (server.priority)
+        nice = task_niceness()
+        audits = [t for t in threading.enumerate() if t.name.startswith("audit")]
+        assert audits and all(nice[t.native_id] == 19 for t in audits), nice
 
 
 def test_audit_on_a_named_dataset(stub):

@@ -15,7 +15,13 @@ import pytest
 from proto import classifier_pb2 as cpb
 from proto import classifier_pb2_grpc as cpb_grpc
 from robustness.package import SessionOptions, load_package
-from tests.server_helpers import ROOT, sample_value, scrape_metrics, start_server_process
+from tests.server_helpers import (
+    ROOT,
+    sample_value,
+    scrape_metrics,
+    start_server_process,
+    task_niceness,
+)
 
 MODEL = "digits-mlp"
 
@@ -162,6 +168,10 @@ def test_config_precedence_and_errors(tmp_path, digits_repo):
         load_config(["--config", str(tmp_path / "bad.yaml")], {})
     with pytest.raises(ConfigError, match="--repo is required"):
         load_config([], {})
+    with pytest.raises(ConfigError, match="--worker-niceness=20 .from flag.: expected 0..19"):
+        load_config(["--repo", str(digits_repo), "--worker-niceness", "20"], {})
+    with pytest.raises(ConfigError, match="--audit-niceness=-1 .from env.: expected 0..19"):
+        load_config(["--repo", str(digits_repo)], {"DCS_AUDIT_NICENESS": "-1"})
     with pytest.raises(ConfigError, match="--event-loop='tokio' .from env.: expected one of auto"):
         load_config(["--repo", str(digits_repo)], {"DCS_EVENT_LOOP": "tokio"})
 
@@ -184,6 +194,20 @@ def test_each_event_loop_serves_and_stops_cleanly(digits_repo, loop):
         assert sp.stop(timeout=20) == 0
     assert f"event loop: {loop}" in sp.logs()
     assert not own.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_model_worker_runs_below_the_event_loop(proc_server):
+    """``--worker-niceness`` (default 10): after a classify the model's worker thread exists and
+    runs at niceness 10; the event loop and gRPC's threads stay at the process's 0."""
+    with grpc.insecure_channel(proc_server.target) as ch:
+        x = np.zeros((2, 1, 8, 8), np.float32)
+        cpb_grpc.ClassifierStub(ch).Classify(cpb.ClassifyRequest(
+            model=MODEL, images=cpb.Tensor(dtype=cpb.FLOAT32, shape=x.shape, data=x.tobytes())),
+            timeout=10)
+    pid = proc_server.proc.pid
+    nice = task_niceness(pid)
+    assert list(nice.values()).count(10) == 1 and nice[pid] == 0, nice
 
 
 def test_default_event_loop_is_asyncio(proc_server):
