@@ -75,7 +75,7 @@ class Sizes:
         if mode == "smoke":  # seconds: keeps the harness from rotting (tests/test_bench_smoke.py)
             return cls(False, 0.3, 0.1, (8,), (16,), 64, 2, 1, 16, 2, 16, 5, 200, 50, mode,
                        DIGITS, (1, 8, 8))
-        return cls(False, 3.0, 0.5, (1, 8, 64), (1, 16, 64, 128), 1000, 10, 1,
+        return cls(False, 3.0, 0.5, (1, 8, 64), (16, 64, 128), 1000, 10, 1,
                    200, 20, 200, 200, 10_000, 5000, mode)
 
 
