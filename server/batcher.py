@@ -17,8 +17,9 @@ dispatched at once, one ahead of the running ones: it waits in the worker thread
 starts the moment the model is free, without a round trip through the event loop, which is busy
 answering the batch just done at that moment (bench ``batched``, batches of 128: with
 ``dataplane.score_batch`` checking values after the model, the worker thread is busy 100% of
-the time instead of 91%). Batches whose expected compute is tiny run on the event loop thread (``inline_compute_ms``); the rest in the
-executor.
+the time instead of 91%). Batches whose expected compute is tiny run on the event loop thread
+(``inline_compute_ms``); the rest in the executor, whose thread runs below the event loop's
+priority (``niceness``, ``server.priority``).
 A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails, its
 requests are retried one by one so a single bad request cannot fail its neighbours.
 """
