@@ -18,7 +18,9 @@ starts the moment the model is free, without a round trip through the event loop
 answering the batch just done at that moment (bench ``batched``, batches of 128: with
 ``dataplane.score_batch`` checking values after the model, the worker thread is busy 100% of
 the time instead of 91%). Batches whose expected compute is tiny run on the event loop thread
-(``inline_compute_ms``); the rest in the executor, whose thread runs below the event loop's
+(``inline_compute_ms``), and so does a lone client's request (``inline_lone_ms``: its batch and
+the one before each held a single request, so nobody else waits for the loop); the rest in the
+executor, whose thread runs below the event loop's
 priority (``niceness``, ``server.priority``).
 A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails, its
 requests are retried one by one so a single bad request cannot fail its neighbours.
@@ -64,12 +66,14 @@ class Batcher:
     def __init__(self, runtime: ModelRuntime, *, max_batch: int, max_queue_delay_ms: float,
                  max_queue: int, metrics: ServerMetrics, max_inflight: int = 1,
                  inline_compute_ms: float = 0.0, overlap: bool = False,
-                 process: Callable[[np.ndarray], Any] | None = None, niceness: int = 0) -> None:
+                 process: Callable[[np.ndarray], Any] | None = None, niceness: int = 0,
+                 inline_lone_ms: float = 0.0) -> None:
         self.runtime = runtime
         self.overlap = overlap
         #: batch -> result sliceable by rows (``result[a:b]``); runs in the worker thread
         self._process = process or runtime.run
         self.inline_s = inline_compute_ms / 1000.0
+        self.inline_lone_s = inline_lone_ms / 1000.0
         self._per_example_s: float | None = None  # moving average of ORT seconds per example
         self.max_batch = max_batch
         self.max_delay_s = max_queue_delay_ms / 1000.0
@@ -98,6 +102,7 @@ class Batcher:
         # Requests in the previous batch: > 1 means there is load worth waiting for. With no
         # history yet the first batch uses the configured window, as the operator asked.
         self._last_items = 2
+        self._lone = False  # this batch and the one before each held a single request
         self._taken: list[_Item] = []  # out of the queue, batch still being collected
         self._running: dict[asyncio.Task, list[_Item]] = {}  # dispatched batches
         self._name = runtime.name
@@ -191,6 +196,7 @@ class Batcher:
         while len(self._running) >= self.max_inflight and not self._may_go_ahead(total):
             await self._arrival(None, self.max_batch - total)  # a batch done, or enough queued
             total = self._drain(items, total)  # what arrived while the previous batch computed
+        self._lone = len(items) == 1 and self._last_items == 1
         self._last_items = len(items)
         return items
 
@@ -249,7 +255,7 @@ class Batcher:
         while True:
             items = await self._next_batch()  # cancelled by close(), which answers what was taken
             self._taken = []
-            task = loop.create_task(self._run_batch(items))
+            task = loop.create_task(self._run_batch(items, self._lone))
             self._running[task] = items
             task.add_done_callback(self._batch_done)
             if not self.overlap:
@@ -268,18 +274,21 @@ class Batcher:
             for it in items:  # nobody waits forever
                 _set(it.future, exc=exc)
 
-    def inline(self, n: int) -> bool:
+    def inline(self, n: int, lone: bool = False) -> bool:
         """Run a batch of ``n`` on the event loop thread? Only when its expected ORT time is
-        under ``inline_compute_ms``: for small models the hand-off to a worker thread and back
-        costs more than the compute (bench/analysis.md). Unknown cost (no batch yet) → worker."""
-        return self._per_example_s is not None and self._per_example_s * n <= self.inline_s
+        under ``inline_compute_ms`` (for small models the hand-off to a worker thread and back
+        costs more than the compute, bench/analysis.md) or, for a ``lone`` request (a single
+        client: nobody else waits for the loop), under ``inline_lone_ms``. Unknown cost (no
+        batch yet) → worker."""
+        per = self._per_example_s
+        return per is not None and (per * n <= self.inline_s or lone and per * n <= self.inline_lone_s)
 
     def _timed_run(self, x: np.ndarray) -> tuple[Any, float]:
         start = time.perf_counter()
         out = self._process(x)
         return out, time.perf_counter() - start
 
-    async def _run_batch(self, items: list[_Item]) -> None:
+    async def _run_batch(self, items: list[_Item], lone: bool = False) -> None:
         loop = asyncio.get_running_loop()
         live = [it for it in items if not it.future.done()]  # caller may have gone away
         if not live:
@@ -290,7 +299,7 @@ class Batcher:
         x = live[0].x if len(live) == 1 else np.concatenate([it.x for it in live])
         self._m_batch.observe(len(x))
         try:
-            if self.inline(len(x)):
+            if self.inline(len(x), lone):
                 out, seconds = self._timed_run(x)
             else:
                 out, seconds = await loop.run_in_executor(self._executor, self._timed_run, x)

@@ -87,6 +87,29 @@ def test_tiny_batches_run_inline_once_their_cost_is_known():
     assert all(t.startswith("ort-fake") for t in rt.threads)
 
 
+def test_a_lone_client_is_served_on_the_loop_but_company_goes_to_the_worker():
+    """``inline_lone_ms``: a request whose batch and the batch before each held one request runs
+    on the event loop (nobody else waits for it); a batch of two goes to the worker even though
+    it is as cheap; 0 disables; a model slower than the limit stays in the worker."""
+    async def main(rt, lone_ms):
+        b = _batcher(rt, inline_lone_ms=lone_ms)
+        b.start()
+        for i in range(3):
+            await b.submit(_x(i))  # one at a time: a lone client
+        await asyncio.gather(b.submit(_x(3)), b.submit(_x(4)))  # company
+        await b.close()
+
+    main_thread = threading.current_thread().name
+    rt = FakeRuntime()
+    asyncio.run(main(rt, 1.0))
+    assert rt.batches == [1, 1, 1, 2]
+    # 1st: cost unknown, no history; 2nd and 3rd: lone; 4th: company.
+    assert [t == main_thread for t in rt.threads] == [False, True, True, False]
+    for rt, lone_ms in ((FakeRuntime(), 0.0), (FakeRuntime(seconds=0.01), 1.0)):
+        asyncio.run(main(rt, lone_ms))
+        assert all(t.startswith("ort-fake") for t in rt.threads), (lone_ms, rt.threads)
+
+
 def test_a_bad_example_fails_alone_and_a_full_queue_refuses_at_once():
     rt = FakeRuntime(fail_on=2.0)
 
