@@ -19,8 +19,8 @@ answering the batch just done at that moment (bench ``batched``, batches of 128:
 ``dataplane.score_batch`` checking values after the model, the worker thread is busy 100% of
 the time instead of 91%). Batches whose expected compute is tiny run on the event loop thread
 (``inline_compute_ms``), and so does a lone client's request (``inline_lone_ms``: its batch and
-the one before each held a single request, so nobody else waits for the loop); the rest in the
-executor, whose thread runs below the event loop's
+the one before each held a single request and nothing else is queued or computing, so nobody
+waits for the loop); the rest in the executor, whose thread runs below the event loop's
 priority (``niceness``, ``server.priority``).
 A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails, its
 requests are retried one by one so a single bad request cannot fail its neighbours.
@@ -102,7 +102,7 @@ class Batcher:
         # Requests in the previous batch: > 1 means there is load worth waiting for. With no
         # history yet the first batch uses the configured window, as the operator asked.
         self._last_items = 2
-        self._lone = False  # this batch and the one before each held a single request
+        self._lone = False  # see _next_batch
         self._taken: list[_Item] = []  # out of the queue, batch still being collected
         self._running: dict[asyncio.Task, list[_Item]] = {}  # dispatched batches
         self._name = runtime.name
@@ -196,7 +196,9 @@ class Batcher:
         while len(self._running) >= self.max_inflight and not self._may_go_ahead(total):
             await self._arrival(None, self.max_batch - total)  # a batch done, or enough queued
             total = self._drain(items, total)  # what arrived while the previous batch computed
-        self._lone = len(items) == 1 and self._last_items == 1
+        # a lone client: one request now and in the batch before, nothing queued or computing
+        self._lone = (len(items) == 1 and self._last_items == 1 and not self._queue
+                      and not self._running)
         self._last_items = len(items)
         return items
 

@@ -109,6 +109,17 @@ def test_a_lone_client_is_served_on_the_loop_but_company_goes_to_the_worker():
         asyncio.run(main(rt, lone_ms))
         assert all(t.startswith("ort-fake") for t in rt.threads), (lone_ms, rt.threads)
 
+    async def unbatched(rt):  # --max-batch 1 under load: batches of one, but others wait
+        b = _batcher(rt, max_batch=1, inline_lone_ms=1.0)
+        b.start()
+        await b.submit(_x(0))
+        await asyncio.gather(*(b.submit(_x(i)) for i in range(1, 6)))
+        await b.close()
+
+    rt = FakeRuntime()
+    asyncio.run(unbatched(rt))
+    assert rt.batches == [1] * 6 and all(t.startswith("ort-fake") for t in rt.threads[1:])
+
 
 def test_a_bad_example_fails_alone_and_a_full_queue_refuses_at_once():
     rt = FakeRuntime(fail_on=2.0)
