@@ -31,7 +31,7 @@ from proto import classifier_pb2 as cpb
 from proto import classifier_pb2_grpc as cpb_grpc
 from robustness.package import SessionOptions, make_session
 from robustness.padding import BatchPadder, pad_rows
-from server.config import EVENT_LOOPS
+from server.config import EVENT_LOOPS, ServerConfig
 from server.priority import lower_thread_priority
 
 
@@ -45,7 +45,7 @@ def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
 
 class EchoClassifier(cpb_grpc.ClassifierServicer):
     def __init__(self, batching: bool = False, delay_s: float = 0.002, model: str = "",
-                 device: str = "cpu", worker_niceness: int = 10) -> None:
+                 device: str = "cpu", worker_niceness: int = ServerConfig.worker_niceness) -> None:
         self._cache: dict[tuple[int, int], cpb.ClassifyResponse] = {}
         self._session = None
         if model:
@@ -108,7 +108,8 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
 
 
 async def serve(port: int, max_message_bytes: int, batching: bool = False, delay_ms: float = 2.0,
-                model: str = "", device: str = "cpu", worker_niceness: int = 10) -> None:
+                model: str = "", device: str = "cpu",
+                worker_niceness: int = ServerConfig.worker_niceness) -> None:
     opts = [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=opts)
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--batching): the floor of any design that serves this model")
     p.add_argument("--device", default="cpu", choices=sorted(PROVIDERS),
                    help="where --model runs (ORT provider)")
-    p.add_argument("--worker-niceness", type=int, default=10, choices=range(20),
+    p.add_argument("--worker-niceness", type=int, default=ServerConfig.worker_niceness,
+                   choices=range(20),
                    metavar="0..19", help="niceness added to the --batching worker thread (the "
                    "server's --worker-niceness default)")
     p.add_argument("--event-loop", default="asyncio", choices=EVENT_LOOPS,

@@ -102,7 +102,6 @@ class Batcher:
         # Requests in the previous batch: > 1 means there is load worth waiting for. With no
         # history yet the first batch uses the configured window, as the operator asked.
         self._last_items = 2
-        self._lone = False  # see _next_batch
         self._taken: list[_Item] = []  # out of the queue, batch still being collected
         self._running: dict[asyncio.Task, list[_Item]] = {}  # dispatched batches
         self._name = runtime.name
@@ -176,8 +175,8 @@ class Batcher:
         items.append(item)
         return total + item.n
 
-    async def _next_batch(self) -> list[_Item]:
-        """The next batch: wait up to ``max_queue_delay`` for company (only if the previous batch
+    async def _next_batch(self) -> tuple[list[_Item], bool]:
+        """The next batch and whether it is lone (see ``inline``): wait up to ``max_queue_delay`` for company (only if the previous batch
         held more than one request), then, if the previous batch still computes (``overlap``),
         keep collecting until it is done. A batch that cannot grow any more goes at once, one
         ahead of the running ones: it waits in the worker's queue, not for the event loop."""
@@ -197,10 +196,10 @@ class Batcher:
             await self._arrival(None, self.max_batch - total)  # a batch done, or enough queued
             total = self._drain(items, total)  # what arrived while the previous batch computed
         # a lone client: one request now and in the batch before, nothing queued or computing
-        self._lone = (len(items) == 1 and self._last_items == 1 and not self._queue
-                      and not self._running)
+        lone = (len(items) == 1 and self._last_items == 1 and not self._queue
+                and not self._running)
         self._last_items = len(items)
-        return items
+        return items, lone
 
     def _may_go_ahead(self, total: int) -> bool:
         """May this batch be dispatched while ``max_inflight`` batches run? Only when it is
@@ -255,9 +254,10 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            items = await self._next_batch()  # cancelled by close(), which answers what was taken
+            # cancelled by close(), which answers what was taken
+            items, lone = await self._next_batch()
             self._taken = []
-            task = loop.create_task(self._run_batch(items, self._lone))
+            task = loop.create_task(self._run_batch(items, lone))
             self._running[task] = items
             task.add_done_callback(self._batch_done)
             if not self.overlap:
@@ -283,7 +283,7 @@ class Batcher:
         client: nobody else waits for the loop), under ``inline_lone_ms``. Unknown cost (no
         batch yet) → worker."""
         per = self._per_example_s
-        return per is not None and (per * n <= self.inline_s or lone and per * n <= self.inline_lone_s)
+        return per is not None and (per * n <= self.inline_s or (lone and per * n <= self.inline_lone_s))
 
     def _timed_run(self, x: np.ndarray) -> tuple[Any, float]:
         start = time.perf_counter()

@@ -83,9 +83,10 @@ OPTIONS: tuple[Option, ...] = (
            "run a batch on the event-loop thread when its measured ORT time is below this, ms "
            "(a thread hand-off costs more than tiny models compute); 0 = always a worker thread"),
     Option("inline_lone_ms", float, 1.0,
-           "a request that arrives alone (it and the one before it each made a batch of one) "
-           "runs on the event-loop thread when its measured ORT time is below this, ms: nobody "
-           "else waits for the loop (bench: one client 14-19 percent more req/s); 0 = never"),
+           "a request that arrives alone (it and the one before it each made a batch of one, and "
+           "nothing else is queued or computing) runs on the event-loop thread when its measured "
+           "ORT time is below this, ms: nobody else waits for the loop (bench: one client 11-19 "
+           "percent more req/s); 0 = never"),
     Option("batch_overlap", str, "off",
            "on: collect the next batch while one computes and send it the moment the model is "
            "free (for models whose compute is the limit, e.g. on a GPU); off: start collecting "
