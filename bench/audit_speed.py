@@ -1,7 +1,7 @@
 """Audit speed (4): the engine on the ORT gradient twin vs torchattacks on the same torch model.
 
 Model: the exported ``pfe`` package (pfe_cnn, 1x28x28, random weights, seed 0) and an identical
-torch copy built by ``training.export.fixtures.build_untrained`` with the same seed (logits are
+torch copy built by ``dcs.training.export.fixtures.build_untrained`` with the same seed (logits are
 checked equal). Data: the first N Fashion-MNIST test images, labelled with the model's own clean
 prediction (clean accuracy 100%, so robust accuracy measures the attack alone). Same ε, steps,
 step size, random start, restarts (torchattacks: one run per restart on examples not yet
@@ -26,7 +26,7 @@ EPS = 0.02
 def _torch_model(device: str):
     import torch
 
-    from training.export.fixtures import build_untrained
+    from dcs.training.export.fixtures import build_untrained
 
     torch.set_num_threads(1)
     model, _ = build_untrained("pfe_cnn", "none", (1, 28, 28), 10, seed=0)
@@ -86,8 +86,8 @@ def _torch_other(model, name: str, x: np.ndarray, y: np.ndarray, batch: int,
 def bench_audit(repo: Path, sizes: Sizes) -> list[Row]:
     import torch
 
-    from robustness.attacks import build
-    from robustness.package import SessionOptions, load_package
+    from dcs.robustness.attacks import build
+    from dcs.robustness.package import SessionOptions, load_package
 
     pkg = load_package(repo / PFE / "1", SessionOptions(device=sizes.device, intra_op_threads=1,
                                                         load_bounds=False, load_probe=False))

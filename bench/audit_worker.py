@@ -14,8 +14,8 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from robustness.attacks import build
-    from robustness.package import SessionOptions, load_package
+    from dcs.robustness.attacks import build
+    from dcs.robustness.package import SessionOptions, load_package
 
     pkg = load_package(argv[0], SessionOptions(device="cpu", intra_op_threads=1,
                                                load_bounds=False, load_probe=False))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from robustness.package import CPU, CUDA
+from dcs.robustness.package import CPU, CUDA
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,13 +105,13 @@ def ensure_models(repo: Path, *, digits_copies: int = 1, pfe: bool = True) -> Pa
     cache = cache_dir() / "repo-v1"
     if pfe and not (cache / PFE / "1" / "model.grad.onnx").exists():
         log.info("exporting pfe_cnn (1x28x28) into %s (cached for later runs)", cache)
-        _run_py("from training.export.fixtures import export_untrained\n"
+        _run_py("from dcs.training.export.fixtures import export_untrained\n"
                 f"export_untrained({str(cache)!r}, {PFE!r}, arch='pfe_cnn', defense='none', "
                 "input_shape=(1, 28, 28), num_classes=10, seed=0, version=1, force=True)\n")
     names = [DIGITS] + [f"{DIGITS}{i}" for i in range(2, digits_copies + 1)]
     missing = [n for n in names if not (cache / n / "1" / "model.onnx").exists()]
     if missing:
-        _run_py("from robustness.testing import digits_package\n"
+        _run_py("from dcs.robustness.testing import digits_package\n"
                 f"for n in {missing!r}: digits_package({str(cache)!r}, n, 1)\n")
     repo.mkdir(parents=True, exist_ok=True)
     for name in ((PFE,) if pfe else ()) + tuple(names):

@@ -3,6 +3,11 @@
 It takes the same ``classifier.v1.ClassifyRequest`` (parsed by the generated stubs) and answers a
 prebuilt ``ClassifyResponse`` shaped like the real server's (model ref + ``top_k`` scores per
 image), so message sizes match. Run as its own process: ``python -m bench.echo_server --port P``.
+It also answers the KServe v2 ``inference.GRPCInferenceService/ModelInfer`` the same way: the
+request is parsed by the generated stubs, the answer is a prebuilt ``ModelInferResponse`` with an
+FP32 ``logits`` output of the request's batch (``[n, 10]`` in ``raw_output_contents``), or the
+classification extension's ``class_count`` strings when asked; ``ServerLive``/``ServerReady``/
+``ModelReady`` answer true.
 
 ``--batching`` turns it into the *floor of any batching design* on grpc.aio: each handler parks
 on a future, one task collects the parked requests (up to ``--delay-ms``, like the server's
@@ -27,12 +32,14 @@ import grpc
 import numpy as np
 
 from bench.common import PROVIDERS
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
-from robustness.package import SessionOptions, make_session
-from robustness.padding import BatchPadder, pad_rows
-from server.config import EVENT_LOOPS, ServerConfig
-from server.priority import lower_thread_priority
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import grpc_predict_v2_pb2 as ipb
+from dcs.proto import grpc_predict_v2_pb2_grpc as ipb_grpc
+from dcs.robustness.package import SessionOptions, make_session
+from dcs.robustness.padding import BatchPadder, pad_rows
+from dcs.server.config import EVENT_LOOPS, ServerConfig
+from dcs.server.priority import lower_thread_priority
 
 
 def fixed_response(images: int, top_k: int) -> cpb.ClassifyResponse:
@@ -84,6 +91,19 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
             self._run([request.images.data])
         return resp
 
+    async def park(self, data: bytes) -> None:
+        """What ``Classify`` does with its images, for another API's handler (``EchoInference``)."""
+        if self._batching:
+            loop = asyncio.get_running_loop()
+            if self._queue is None:
+                self._queue = asyncio.Queue()
+                loop.create_task(self._collect())
+            parked = loop.create_future()
+            self._queue.put_nowait((parked, data))
+            await parked
+        elif self._session is not None:
+            self._run([data])
+
     def _run(self, blobs: list[bytes]) -> int:
         """Run the model on the concatenated images (no-op without ``--model``)."""
         if self._session is None:
@@ -107,6 +127,64 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
                 parked.set_result(None)
 
 
+NUM_CLASSES = 10  # the benchmark models' class count (fixed answers are shaped like theirs)
+
+
+def fixed_infer_response(model: str, images: int, class_count: int) -> bytes:
+    """A serialized ``ModelInferResponse`` shaped like the real server's for ``images`` images:
+    FP32 ``logits [images, 10]``, or the classification extension's ``[images, class_count]``
+    BYTES tensor of ``"value:index:label"`` strings."""
+    if class_count:
+        k = min(class_count, NUM_CLASSES)
+        item = b"0.500000:3:class_3"
+        raw = (len(item).to_bytes(4, "little") + item) * (images * k)
+        out = ipb.ModelInferResponse.InferOutputTensor(name="logits", datatype="BYTES",
+                                                       shape=[images, k])
+    else:
+        raw = bytes(4 * NUM_CLASSES * images)
+        out = ipb.ModelInferResponse.InferOutputTensor(name="logits", datatype="FP32",
+                                                       shape=[images, NUM_CLASSES])
+    return ipb.ModelInferResponse(model_name=model, model_version="1", outputs=[out],
+                                  raw_output_contents=[raw]).SerializeToString()
+
+
+class EchoInference(ipb_grpc.GRPCInferenceServiceServicer):
+    """``ModelInfer`` answered with a prebuilt response (per model, batch and class_count); with
+    ``--batching``/``--model`` the request's raw images go through the classifier's batching and
+    ORT first, exactly as its ``Classify`` does."""
+
+    def __init__(self, classifier: EchoClassifier) -> None:
+        self._classifier = classifier
+        self._cache: dict[tuple[str, int, int], ipb.ModelInferResponse] = {}
+
+    async def ServerLive(self, request, context):
+        return ipb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return ipb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request, context):
+        return ipb.ModelReadyResponse(ready=True)
+
+    async def ModelInfer(self, request: ipb.ModelInferRequest, context):
+        shape = request.inputs[0].shape
+        n = int(shape[0]) if len(shape) == 4 else 1
+        k = 0
+        if request.outputs:
+            params = request.outputs[0].parameters
+            if "classification" in params:
+                k = int(params["classification"].int64_param)
+        key = (request.model_name, n, k)
+        resp = self._cache.get(key)
+        if resp is None:
+            resp = self._cache[key] = ipb.ModelInferResponse.FromString(
+                fixed_infer_response(request.model_name, n, k))
+        c = self._classifier
+        if c._batching or c._session is not None:
+            await c.park(request.raw_input_contents[0])
+        return resp
+
+
 async def serve(port: int, max_message_bytes: int, batching: bool = False, delay_ms: float = 2.0,
                 model: str = "", device: str = "cpu",
                 worker_niceness: int = ServerConfig.worker_niceness) -> None:
@@ -115,6 +193,7 @@ async def serve(port: int, max_message_bytes: int, batching: bool = False, delay
     server = grpc.aio.server(options=opts)
     servicer = EchoClassifier(batching, delay_ms / 1000, model, device, worker_niceness)
     cpb_grpc.add_ClassifierServicer_to_server(servicer, server)
+    ipb_grpc.add_GRPCInferenceServiceServicer_to_server(EchoInference(servicer), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     sys.stdout.write(f"READY {bound}\n")
@@ -140,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="same choice and default as the server's, so the reference runs on the "
                    "loop the server runs on")
     args = p.parse_args(argv)
-    from server.__main__ import loop_factory, run
+    from dcs.server.__main__ import loop_factory, run
     try:
         run(serve(args.port, args.max_message_bytes, args.batching, args.delay_ms, args.model,
                   args.device, args.worker_niceness),

@@ -17,8 +17,8 @@ import time
 import grpc
 import numpy as np
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
 
 
 def build_request(model: str, shape: list[int], batch: int, top_k: int, dtype: str,

@@ -18,7 +18,7 @@ CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 @contextmanager
 def real_server(repo: Path, *flags: str, env: dict[str, str] | None = None,
                 log_dir: Path | None = None, device: str = "cpu") -> Iterator:
-    """``python -m server --device DEVICE`` on free loopback ports (1 intra-op thread unless
+    """``python -m dcs.server --device DEVICE`` on free loopback ports (1 intra-op thread unless
     ``flags`` say). The device is explicit so a CPU figure stays CPU on a machine with a GPU."""
     sp = start_server_process(repo, "--log-level", "warning", "--device", device, *flags, env=env,
                               log_dir=log_dir, timeout=90)
@@ -63,8 +63,13 @@ def warm(target: str, concurrency: int, **kw) -> None:
 def load(target: str, *, concurrency: int, duration: float, warmup: float, batch: int = 1,
          model: str = "pfe", shape: tuple[int, ...] = (1, 28, 28), top_k: int = 5,
          dtype: str = "float32", processes: int = 1, max_requests: int = 0,
-         channels: int = 1, keep_latencies: bool = False) -> dict:
-    """Closed loop from ``processes`` load-generator processes; merged requests/s and latencies."""
+         channels: int = 1, keep_latencies: bool = False, api: str = "classify",
+         class_count: int = 0) -> dict:
+    """Closed loop from ``processes`` load-generator processes; merged requests/s and latencies.
+
+    ``api``: "classify" (``bench.loadgen``: Classify, request serialized once) or one of
+    ``bench.loadgen_kserve``'s (``infer-aio``, ``infer-sync``: tritonclient ModelInfer with
+    ``class_count``; ``client``: the project's ``Client.classify``)."""
     per = [concurrency // processes + (1 if i < concurrency % processes else 0)
            for i in range(processes)]
     reqs = [max_requests // processes + (1 if i < max_requests % processes else 0)
@@ -73,11 +78,16 @@ def load(target: str, *, concurrency: int, duration: float, warmup: float, batch
     for c, mr in zip(per, reqs):
         if c < 1:
             continue
-        cmds.append([sys.executable, "-m", "bench.loadgen", "--target", target, "--model", model,
-                     "--shape", ",".join(map(str, shape)), "--batch", str(batch),
-                     "--concurrency", str(c), "--duration", str(duration), "--warmup",
-                     str(0 if max_requests else warmup), "--max-requests", str(mr),
-                     "--top-k", str(top_k), "--dtype", dtype, "--channels", str(channels)])
+        common = ["--target", target, "--model", model, "--shape", ",".join(map(str, shape)),
+                  "--batch", str(batch), "--concurrency", str(c), "--duration", str(duration),
+                  "--warmup", str(0 if max_requests else warmup), "--max-requests", str(mr),
+                  "--top-k", str(top_k), "--dtype", dtype]
+        if api == "classify":
+            cmds.append([sys.executable, "-m", "bench.loadgen", *common,
+                         "--channels", str(channels)])
+        else:
+            cmds.append([sys.executable, "-m", "bench.loadgen_kserve", "--api", api, *common,
+                         "--class-count", str(class_count)])
     limit = (duration + warmup) * 3 + 60 if not max_requests else 600
     procs = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, **CHILD_ENV}) for c in cmds]

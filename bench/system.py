@@ -11,8 +11,8 @@ import numpy as np
 
 from bench.common import PFE, Row, Sizes, fmnist_test
 from bench.procs import load, real_server
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("bench.system")
 TOKEN = "bench-token-not-secret"

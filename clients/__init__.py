@@ -1,10 +1,10 @@
 """Python client library and ``dcsctl`` CLI for the defended-classifier service (torch-free).
 
-- ``clients.client``: ``Client`` (typed, retries on UNAVAILABLE, deadlines), ``TLSConfig``.
-- ``clients.results``: frozen result types (``Prediction``, ``ModelInfo``, ``AuditProgress``, ...).
-- ``clients.errors``: ``ClientError`` and one subclass per gRPC status family.
-- ``clients.images``: load PNG/JPEG/.npy/.npz and convert to a model's input spec.
-- ``clients.cli``: the ``dcsctl`` console script.
+- ``dcs.clients.client``: ``Client`` (typed, retries on UNAVAILABLE, deadlines), ``TLSConfig``.
+- ``dcs.clients.results``: frozen result types (``Prediction``, ``ModelInfo``, ``AuditProgress``, ...).
+- ``dcs.clients.errors``: ``ClientError`` and one subclass per gRPC status family.
+- ``dcs.clients.images``: load PNG/JPEG/.npy/.npz and convert to a model's input spec.
+- ``dcs.clients.cli``: the ``dcsctl`` console script.
 
 ``from clients import Client`` works too (imported on first use).
 """
@@ -17,11 +17,11 @@ __all__ = ["Client", "ClientError", "TLSConfig"]
 
 def __getattr__(name: str) -> Any:  # lazy, so `import clients.images` does not load grpc
     if name in ("Client", "TLSConfig"):
-        from clients import client
+        from dcs.clients import client
 
         return getattr(client, name)
     if name == "ClientError":
-        from clients.errors import ClientError
+        from dcs.clients.errors import ClientError
 
         return ClientError
     raise AttributeError(f"module 'clients' has no attribute {name!r}")

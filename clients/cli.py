@@ -25,13 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustness.manifest import atomic_write_text
+from dcs.robustness.manifest import atomic_write_text
 
 PROG = "dcsctl"
 DEFAULT_TARGET = "127.0.0.1:8001"
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-log = logging.getLogger("clients.cli")
+log = logging.getLogger("dcs.clients.cli")
 
 
 class UsageError(Exception):
@@ -225,7 +225,7 @@ def _read_token(args: argparse.Namespace) -> str | None:
 
 
 def _make_client(args: argparse.Namespace):
-    from clients.client import Client, TLSConfig
+    from dcs.clients.client import Client, TLSConfig
 
     if (args.ca or args.cert or args.key or args.server_name) and not args.tls:
         raise UsageError("--ca/--cert/--key/--server-name need --tls")
@@ -244,7 +244,7 @@ def _make_client(args: argparse.Namespace):
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from clients.images import load_inputs, to_model_input
+    from dcs.clients.images import load_inputs, to_model_input
 
     if args.top_k < 0:
         raise UsageError(f"--top-k is {args.top_k}; expected >= 0")
@@ -314,7 +314,7 @@ def _progress_bar(quiet: bool):
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from clients.results import AuditState
+    from dcs.clients.results import AuditState
 
     if args.limit is not None and args.limit <= 0:
         raise UsageError(f"--limit is {args.limit}; expected a positive number of examples")
@@ -323,7 +323,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     with _make_client(args) as client:
         kwargs: dict[str, Any] = {}
         if args.examples is not None:
-            from clients.images import load_file, to_model_input
+            from dcs.clients.images import load_file, to_model_input
 
             src = load_file(args.examples)
             if src.labels is None:
@@ -400,7 +400,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_audits(args: argparse.Namespace) -> int:
-    from clients.results import AuditState
+    from dcs.clients.results import AuditState
 
     state = None
     if args.state:
@@ -446,8 +446,8 @@ def _setup_logging(quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (never raises for expected failures)."""
-    from clients.errors import ClientError
-    from clients.images import ImageError
+    from dcs.clients.errors import ClientError
+    from dcs.clients.images import ImageError
 
     def fail(message: str, code: int) -> int:
         sys.stderr.write(f"{PROG}: error: {' '.join(str(message).split())}\n")

@@ -1,6 +1,6 @@
 """Typed Python client for the defended-classifier service (``classifier.v1``), torch-free.
 
-    from clients.client import Client
+    from dcs.clients.client import Client
 
     with Client("127.0.0.1:8001", token="...") as c:
         preds = c.classify(x, model="digits-mlp")  # [N, C, H, W] float32 in [0, 1] or uint8
@@ -15,7 +15,7 @@ Behaviour:
 * Idempotent calls (Classify, ListModels, GetModel, GetAudit, ListAudits, WatchAudit,
   CancelAudit) are retried on UNAVAILABLE only, ``retries`` times, with exponential backoff and
   jitter. StartAudit is never retried (it would start a second job).
-* Failures raise a ``clients.errors.ClientError`` subclass carrying ``.code`` (grpc.StatusCode)
+* Failures raise a ``dcs.clients.errors.ClientError`` subclass carrying ``.code`` (grpc.StatusCode)
   and ``.details`` (the server's message).
 * Audit methods send ``authorization: Bearer <token>``; they can live on a separate port
   (``audit_target``).
@@ -41,14 +41,14 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from clients.errors import (
+from dcs.clients.errors import (
     ClientError,
     FailedPrecondition,
     InvalidArgument,
     Unavailable,
     from_rpc_error,
 )
-from clients.results import (
+from dcs.clients.results import (
     AuditProgress,
     AuditState,
     AuditStatus,
@@ -57,10 +57,10 @@ from clients.results import (
     ModelRef,
     Prediction,
 )
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
 
-log = logging.getLogger("clients.client")
+log = logging.getLogger("dcs.clients.client")
 
 T = TypeVar("T")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("clients.images")
+log = logging.getLogger("dcs.clients.images")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")

@@ -1,4 +1,4 @@
-"""Frozen result types returned by ``clients.client.Client`` (built from the protobuf replies)."""
+"""Frozen result types returned by ``dcs.clients.client.Client`` (built from the protobuf replies)."""
 from __future__ import annotations
 
 import enum
@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2 as cpb
 
 
 class AuditState(str, enum.Enum):

@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -111,7 +110,7 @@ class ModelSummary(_message.Message):
     dataset: str
     defense: str
     ready: bool
-    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., defense: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+    def __init__(self, ref: _Optional[_Union[ModelRef, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., dataset: _Optional[str] = ..., defense: _Optional[str] = ..., ready: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -291,7 +290,7 @@ class GetAuditRequest(_message.Message):
     job_id: str
     include_report: bool
     include_html: bool
-    def __init__(self, job_id: _Optional[str] = ..., include_report: _Optional[bool] = ..., include_html: _Optional[bool] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., include_report: bool = ..., include_html: bool = ...) -> None: ...
 
 class WatchAuditRequest(_message.Message):
     __slots__ = ("job_id",)

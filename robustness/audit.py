@@ -5,7 +5,7 @@ Determinism: every example gets, per (attack, ε) job, its own generator
 example's global index, ``example_ids``; checks use ``[seed, 1000 + k, g]``), wrapped in an
 ``ExampleRNG``. An example's numbers therefore depend on the seed, the job and its own index
 only, not on its batch or the other examples: a shard (``example_ids`` = its slice of the test
-set) reproduces the unsharded per-example results (``robustness.shard``). No global RNG is
+set) reproduces the unsharded per-example results (``dcs.robustness.shard``). No global RNG is
 touched. ``Report.outcomes`` carries the per-example outcomes a merge needs.
 
 Budget: ``suite.max_gradients`` / ``suite.max_queries`` (examples through ``loss_grad`` /
@@ -14,7 +14,7 @@ it starts (``AuditBudgetExceeded``) and stops with the same error if they run ou
 ``should_stop()`` is polled before every batch; when it returns True the audit raises
 ``AuditCancelled``.
 
-Certification: suite entries named ``certify`` (``robustness.certify``) are not attacks. Each runs
+Certification: suite entries named ``certify`` (``dcs.robustness.certify``) are not attacks. Each runs
 as a job per ε like an attack (progress, budget, cancel), but its numbers go to the report's
 ``certified`` section and never into ``results``, the worst case or the headline. A package
 without ``model.bounds.onnx`` gives a ``certified`` section with status "skipped" and a reason.
@@ -32,14 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from robustness import certify as CE
-from robustness import checks as C
-from robustness.attacks import REGISTRY, Budget, BudgetExceeded, Stopped, build
-from robustness.attacks.base import AttackError, ExampleRNG
-from robustness.metrics import attack_metrics, l2_dissimilarity
-from robustness.oracle import has_gradients
-from robustness.report.schema import Report
-from robustness.suites import (
+from dcs.robustness import adaptive as AD
+from dcs.robustness import certify as CE
+from dcs.robustness import checks as C
+from dcs.robustness.attacks import REGISTRY, Budget, BudgetExceeded, Stopped, build
+from dcs.robustness.attacks.base import AttackError, ExampleRNG
+from dcs.robustness.metrics import attack_metrics, l2_dissimilarity
+from dcs.robustness.oracle import has_gradients
+from dcs.robustness.report.schema import Report
+from dcs.robustness.suites import (
     PRESETS,
     AttackSpec,
     CheckConfig,
@@ -98,7 +99,7 @@ def _resolve_source(spec_params: Mapping[str, Any], sources: Mapping[str, Any] |
         return src
     if sources and str(src) in sources:
         return sources[str(src)]
-    from robustness.package import load_package
+    from dcs.robustness.package import load_package
 
     return load_package(src)
 
@@ -157,7 +158,8 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     if suite.max_examples is not None:
         x, y, gids = x[: suite.max_examples], y[: suite.max_examples], gids[: suite.max_examples]
     n = len(x)
-    est_g, est_q = suite.estimate_cost(n)
+    plan = AD.AdaptivePlan(oracle, suite, has_gradients(oracle))  # BPDA surrogate family (issue 25)
+    est_g, est_q = suite.estimate_cost(n, len(plan.members))
     if suite.max_gradients is not None and est_g > suite.max_gradients:
         raise AuditBudgetExceeded(f"suite {suite.name!r} may need {est_g} gradient examples for {n} inputs; "
                                   f"budget is {suite.max_gradients}")
@@ -181,7 +183,8 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     if cfg.enabled:
         noise_in_suite = any(s.attack == "noise" and s.eps is None for s in suite.attacks)
         check_units = m_checks * ((3 if grads_ok else 0) + (0 if noise_in_suite else len(suite.eps)))
-    units_total = n * len(jobs) + check_units
+    cal_rows = np.flatnonzero(gids < cfg.max_examples) if plan else np.arange(0)
+    units_total = n * len(jobs) + check_units + plan.calibration_units(len(cal_rows))
     t0 = time.perf_counter()
     state = {"units": 0}
     worst: dict[float, np.ndarray] = {}
@@ -198,7 +201,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
                                units_done=int(units), units_total=int(units_total), robust_accuracy_so_far=ra,
                                eta_s=eta, gradients_used=int(budget.gradients)))
 
-    def run_attack(attack, xs, ys, rng, label, eps, target=None, src_oracle=oracle):
+    def run_attack(attack, xs, ys, rng, label, eps, target=None, src_oracle=AD.maybe_eot(oracle)):
         try:
             res = attack.run(src_oracle, xs, ys, rng=rng, target=target, budget=budget,
                              should_stop=should_stop,
@@ -219,6 +222,8 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     correct = clean_pred == y
     clean_acc = float(correct.mean())
     headline_eps = suite.headline
+    plan.calibrate(build("pgd", eps=headline_eps, steps=cfg.steps, batch_size=suite.batch_size),
+                   x[cal_rows], y[cal_rows], correct[cal_rows], gids[cal_rows], seed, run_attack)
     results: list[dict[str, Any]] = []
     samples: dict[tuple[str, float], dict[str, np.ndarray]] = {}
     k_img = min(n, max(suite.n_images, N_SPECTRUM))
@@ -255,9 +260,14 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
         on_survivors = suite.cascade and spec.eps is None and eps in worst
         if on_survivors:
             idx = np.flatnonzero(worst[eps])
+        tally = None
         if len(idx):
-            res = run_attack(attack, x[idx], y[idx], rng.rows(idx), spec.display, eps,
-                             target[idx] if target is not None else None)
+            if plan.applies(attack):
+                res, tally = plan.run(attack, x, y, target, idx, rng, seed, i, gids, run_attack, spec.display,
+                                      eps, spec.eps is None)
+            else:
+                res = run_attack(attack, x[idx], y[idx], rng.rows(idx), spec.display, eps,
+                                 target[idx] if target is not None else None)
             adv_pred = clean_pred.copy()
             adv_pred[idx] = res.pred
             x_adv = x.copy()
@@ -280,19 +290,21 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
             "seed": [int(seed), i], **met.to_dict(),
             "robust_accuracy": float(rmask.mean()) if not on_survivors else float(worst[eps].mean()),
             "examples_attacked": len(idx), "queries": int(q), "gradients": int(g), "wall_s": float(wall),
-        })
+        } | ({"surrogates": tally} if tally is not None else {}))
         if abs(eps - headline_eps) < 1e-9 or spec.eps is not None:
             samples[(spec.display, float(eps))] = {"x_adv": x_adv[:k_img].copy(), "pred": adv_pred[:k_img].copy()}
         log.info("%s ε=%g robust accuracy %.3f (%d gradients, %d queries, %.1fs)",
                  spec.display, eps, results[-1]["robust_accuracy"], g, q, wall)
 
     worst_case = [{"eps": float(e), "robust_accuracy": float(worst[e].mean()), "attacks": worst_labels[e],
-                   "robust_mask": [int(v) for v in worst[e]]} for e in sorted(worst)]
+                   "robust_mask": [int(v) for v in worst[e]], **plan.broken_by(e, n)} for e in sorted(worst)]
     head = next((w for w in worst_case if abs(w["eps"] - headline_eps) < 1e-9), None)
     headline = {"eps": headline_eps, "robust_accuracy": head["robust_accuracy"] if head else None}
 
     check_results = _run_checks(oracle, x[chk], y[chk], suite, results, seed, grads_ok,
-                                run_attack, gids[chk], outcomes["checks"]) if cfg.enabled else []
+                                run_attack, gids[chk], outcomes["checks"], plan.best) if cfg.enabled else []
+    if plan:
+        check_results.append(plan.check(cfg.tolerance))
     outcomes["check_rows"] = chk
     outcomes["certify"] = certs
     certified = None
@@ -315,7 +327,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
         seeds={"audit": int(seed), "jobs": "numpy.random.default_rng([seed, job_index, example_index])",
                "checks": "numpy.random.default_rng([seed, 1000 + k, example_index])"},
         x_samples=x[:k_img].copy(), y_samples=y[:k_img].copy(), clean_pred_samples=clean_pred[:k_img].copy(),
-        samples=samples, certified=certified, outcomes=outcomes,
+        samples=samples, certified=certified, outcomes=outcomes, adaptive=plan.section(),
     )
     return report
 
@@ -343,8 +355,9 @@ def _run_certify(oracle, x, y, spec: AttackSpec, eps: float, suite: Suite, budge
 
 
 def _run_checks(oracle, x, y, suite: Suite, rows, seed, grads_ok, run_attack, ids=None,
-                record: dict | None = None) -> list[C.CheckResult]:
+                record: dict | None = None, surrogate: str | None = None) -> list[C.CheckResult]:
     """The extra check runs on ``x`` (global indices ``ids``), then ``checks_from_predictions``.
+    ``surrogate``: the BPDA surrogate the check PGD runs use (adaptive audits: the strongest).
 
     ``record`` receives each run's per-example predictions (keys as in ``checks_from_predictions``).
     """
@@ -358,12 +371,13 @@ def _run_checks(oracle, x, y, suite: Suite, rows, seed, grads_ok, run_attack, id
         return ExampleRNG.for_examples([seed, k], ids)
 
     if grads_ok and m:
-        a = build("pgd", eps=cfg.large_eps, steps=cfg.steps, batch_size=bs)
+        a = build("pgd", eps=cfg.large_eps, steps=cfg.steps, batch_size=bs, surrogate=surrogate)
         preds["large_eps"] = run_attack(a, x, y, rng(1000), "check:large-eps", cfg.large_eps).pred
         e = suite.headline
-        a = build("pgd", eps=e, steps=cfg.steps, batch_size=bs)
+        a = build("pgd", eps=e, steps=cfg.steps, batch_size=bs, surrogate=surrogate)
         preds["pgd"] = run_attack(a, x, y, rng(1001), "check:pgd", e).pred
-        a = build("pgd", eps=e, steps=cfg.steps * cfg.more_steps_factor, restarts=cfg.more_restarts, batch_size=bs)
+        a = build("pgd", eps=e, steps=cfg.steps * cfg.more_steps_factor, restarts=cfg.more_restarts, batch_size=bs,
+                  surrogate=surrogate)
         preds["pgd_more"] = run_attack(a, x, y, rng(1002), "check:pgd-more", e).pred
     if not any(s.attack == "noise" and s.eps is None for s in suite.attacks) and m:
         for k, e in enumerate(suite.eps):
@@ -379,7 +393,7 @@ def checks_from_predictions(suite: Suite, rows, y: np.ndarray, preds: Mapping[st
     """The masking checks from report rows and the check runs' per-example predictions on the check
     subset (labels ``y``): keys ``large_eps``, ``pgd``, ``pgd_more`` (absent without gradients) and
     ``noise:<k>`` (k = index in ``suite.eps``; absent when the suite has its own noise entry).
-    Pure, so ``robustness.shard`` recomputes a sharded run's checks exactly."""
+    Pure, so ``dcs.robustness.shard`` recomputes a sharded run's checks exactly."""
     cfg = suite.checks
     tol = cfg.tolerance
     m = len(y)

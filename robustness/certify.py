@@ -29,10 +29,10 @@ by at most ε and s(z) can change only where ``| |z| − c | ≤ ε``: the *unst
 fraction (over examples × filters × positions) is reported per ε; it is non-decreasing in ε. The
 threshold c comes from the manifest's ``defense.pfe_c`` (or ``defense.params.pfe_c``); an
 exported package with ``pfe_c: null`` was built with the model builder's default
-(``DEFAULT_PFE_C`` = ``training.models.DEFAULT_C`` = 0.25), which is used and reported as such.
+(``DEFAULT_PFE_C`` = ``dcs.training.models.DEFAULT_C`` = 0.25), which is used and reported as such.
 
 ``certify`` is *not an attack*: it never enters the per-example worst case or the headline robust
-accuracy. ``robustness.audit`` runs it for suite entries named ``certify`` and puts its numbers in
+accuracy. ``dcs.robustness.audit`` runs it for suite entries named ``certify`` and puts its numbers in
 the report's ``certified`` section, next to the attacks' empirical robust accuracy: the true
 robust accuracy lies in [certified, empirical].
 
@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from robustness.attacks.base import AttackError, Budget, Capabilities, Stopped
+from dcs.robustness.attacks.base import AttackError, Budget, Capabilities, Stopped
 
 NAME = "certify"
 #: training.models.DEFAULT_C: the saturation threshold a pfe model is built with when
@@ -242,13 +242,13 @@ def build(**params: Any) -> Certify:
     return Certify(**params)
 
 
-#: Non-attack suite members, by name (suites accept these next to ``robustness.attacks.REGISTRY``).
+#: Non-attack suite members, by name (suites accept these next to ``dcs.robustness.attacks.REGISTRY``).
 EVALUATORS: dict[str, type] = {NAME: Certify}
 
 
 def section(results: list[tuple[str, CertifyResult]], worst_case: list[Mapping[str, Any]],
             rows: list[Mapping[str, Any]], method: str | None) -> dict[str, Any]:
-    """The report's ``certified`` section from per-ε results (see ``robustness.report.schema``)."""
+    """The report's ``certified`` section from per-ε results (see ``dcs.robustness.report.schema``)."""
     wc = {round(float(w["eps"]), 9): w for w in worst_case}
     per_eps = []
     skipped = [r for _, r in results if r.status != "ok"]

@@ -23,14 +23,14 @@ Documented flags (what a "warn" means and what to do):
 Consistency (not a masking check; added whenever a suite includes ``certify``):
 
 * ``certified_le_empirical`` (status ``warn``, detail starting "bounds are unsound"; the
-  status set stays pass/warn/skip): certified robust accuracy (``robustness.certify``)
+  status set stays pass/warn/skip): certified robust accuracy (``dcs.robustness.certify``)
   exceeds the robust accuracy of some attack at the same ε, or an example certified at ε was
   broken by an attack (not in the worst-case robust mask). Certified examples provably have no
   adversarial example in the ε-ball, so this is never a weak attack: the bounds graph
   (``model.bounds.onnx``) is unsound or does not belong to the served model. Do not trust the
   certified numbers; re-export and run the bounds soundness tests.
 
-The comparison functions are pure (``rows`` are report result entries); ``robustness.audit``
+The comparison functions are pure (``rows`` are report result entries); ``dcs.robustness.audit``
 performs the extra runs (large ε, noise, more steps) and passes their numbers in.
 """
 from __future__ import annotations

@@ -5,7 +5,11 @@ Layout of a package (DESIGN.md section 3)::
     <repo>/<name>/<version>/
         model.onnx        x [N,C,H,W] f32 in [0,1] -> logits [N,K]
         model.grad.onnx   (x, y [N] int64) -> (logits, grad = d CE / dx)
+        model.grad.smooth.onnx (optional, packages with BPDA layers) (x, y, tau [1] f32) ->
+                          (logits, grad) with the saturations' tanh-surrogate backward at τ
         model.bounds.onnx (optional) (x, eps [1] f32) -> (logits_lower, logits_upper)
+        model.crown.onnx  (optional) (x, y [N] int64, eps [1] f32) -> margins_lower [N,K]: lower
+                          bounds on logit_y − logit_j (backward linear relaxation, issue 27)
         model.probe.onnx  (optional) x -> features [N,K,h,w] (first-layer maps), and optionally
                           z (normalized front-end activations) and weights (first-layer filters)
         manifest.json
@@ -29,6 +33,10 @@ MODEL_FILE = "model.onnx"
 GRAD_FILE = "model.grad.onnx"
 BOUNDS_FILE = "model.bounds.onnx"
 PROBE_FILE = "model.probe.onnx"
+CROWN_FILE = "model.crown.onnx"
+MARGINS_LOWER_NAME = "margins_lower"
+SMOOTH_FILE = "model.grad.smooth.onnx"
+TAU_NAME = "tau"
 MANIFEST_FILE = "manifest.json"
 INPUT_NAME = "x"
 LABEL_NAME = "y"

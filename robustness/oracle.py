@@ -50,3 +50,20 @@ class ScoreOnlyView:
 def has_gradients(oracle: object) -> bool:
     """True when the oracle offers ``loss_grad``."""
     return callable(getattr(oracle, "loss_grad", None))
+
+
+def surrogates(oracle: object) -> tuple[str, ...]:
+    """The gradient surrogates an oracle declares for its BPDA layers (``oracle.surrogates``;
+    empty when it declares none). Each member is reached with ``oracle.with_surrogate(name)``,
+    a view with the same ``logits`` and that member's ``loss_grad``."""
+    names = getattr(oracle, "surrogates", None)
+    return tuple(str(n) for n in names) if names else ()
+
+
+def surrogate_view(oracle: object, name: str):
+    """``oracle.with_surrogate(name)``; ValueError naming the declared members otherwise."""
+    declared = surrogates(oracle)
+    if name not in declared:
+        raise ValueError(f"gradient surrogate {name!r} is not declared by this model "
+                         f"(declared: {list(declared) or 'none'})")
+    return oracle.with_surrogate(name)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from robustness.manifest import (
+from dcs.robustness.manifest import (
     BOUNDS_FILE,
     EPS_NAME,
     GRAD_FILE,
@@ -25,12 +25,14 @@ from robustness.manifest import (
     LOWER_NAME,
     MODEL_FILE,
     PROBE_FILE,
+    SMOOTH_FILE,
+    TAU_NAME,
     UPPER_NAME,
     PackageError,
     read_manifest,
     verify_files,
 )
-from robustness.padding import BatchPadder, pad_rows
+from dcs.robustness.padding import BatchPadder, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class ModelPackage:
     stats: dict[str, int] = field(default_factory=lambda: {"logits": 0, "grad": 0, "bounds": 0})
     static_batch: bool = False  # pad each session's calls to a fixed batch (CUDA)
     _padders: dict[str, BatchPadder] = field(default_factory=dict, repr=False)
+    smooth_session: Any | None = None  # model.grad.smooth.onnx (tanh surrogates), when declared
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -185,9 +188,7 @@ class ModelPackage:
         self.stats["logits"] += len(x)
         return self._run("logits", self.session, [LOGITS_NAME], {INPUT_NAME: x})[0]
 
-    def loss_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.grad_session is None:
-            raise PackageError(f"{self.path}: gradient twin not loaded")
+    def _grad_inputs(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = self._as_input(x)
         y = np.ascontiguousarray(y, dtype=np.int64).reshape(-1)
         if len(y) != len(x):
@@ -195,9 +196,47 @@ class ModelPackage:
         if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
             raise ValueError(f"labels must be in [0, {self.num_classes}), got min {int(y.min())} "
                              f"max {int(y.max())}")
+        return x, y
+
+    def loss_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.grad_session is None:
+            raise PackageError(f"{self.path}: gradient twin not loaded")
+        x, y = self._grad_inputs(x, y)
         self.stats["grad"] += len(x)
         logits, grad = self._run("grad", self.grad_session, [LOGITS_NAME, GRAD_NAME],
                                  {INPUT_NAME: x, LABEL_NAME: y}, (INPUT_NAME, LABEL_NAME))
+        return logits, grad
+
+    # -- surrogate family (issue 25) -------------------------------------------------------------
+    @property
+    def surrogates(self) -> tuple[str, ...]:
+        """Names of the backward surrogates the manifest declares for its BPDA layers (empty for
+        packages without such layers, and for packages written before they were declared)."""
+        if self.grad_session is None:
+            return ()
+        members = self.manifest.get("gradient", {}).get("surrogates") or []
+        return tuple(str(m["name"]) for m in members
+                     if m.get("file") == GRAD_FILE or self.smooth_session is not None)
+
+    def _member(self, name: str) -> dict[str, Any]:
+        for m in self.manifest.get("gradient", {}).get("surrogates") or []:
+            if m["name"] == name and name in self.surrogates:
+                return m
+        raise PackageError(f"{self.path}: no gradient surrogate {name!r}; declared: {list(self.surrogates)}")
+
+    def with_surrogate(self, name: str) -> SurrogateView:
+        """This oracle with ``loss_grad`` through surrogate ``name`` (same ``logits``)."""
+        member = self._member(name)
+        if member.get("file") == GRAD_FILE:
+            return SurrogateView(self, name, self.loss_grad)
+        tau = np.array([float(member["tau"])], dtype=np.float32)
+        return SurrogateView(self, name, lambda x, y: self._smooth_grad(x, y, tau))
+
+    def _smooth_grad(self, x: np.ndarray, y: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self._grad_inputs(x, y)
+        self.stats["grad"] += len(x)
+        logits, grad = self._run("smooth", self.smooth_session, [LOGITS_NAME, GRAD_NAME],
+                                 {INPUT_NAME: x, LABEL_NAME: y, TAU_NAME: tau}, (INPUT_NAME, LABEL_NAME))
         return logits, grad
 
     def logit_bounds(self, x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -225,6 +264,25 @@ class ModelPackage:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.sha256,
                 "grad_sha256": self.grad_sha256, "path": str(self.path), "provider": self.provider}
+
+
+class SurrogateView:
+    """A package seen through one gradient surrogate: ``logits`` unchanged (the served graph),
+    ``loss_grad`` through the member's twin. Implements the oracle protocol."""
+
+    def __init__(self, package: ModelPackage, name: str, loss_grad) -> None:
+        self.package = package
+        self.surrogate = name
+        self.num_classes = package.num_classes
+        self.input_shape = package.input_shape
+        self.bounds = package.bounds
+        self._loss_grad = loss_grad
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.package.logits(x)
+
+    def loss_grad(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._loss_grad(x, y)
 
 
 def _utf8_text(value: Any) -> bool:
@@ -273,6 +331,13 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
         _check_io(grad_path, grad_sess, [INPUT_NAME, LABEL_NAME], [LOGITS_NAME, GRAD_NAME])
         _check_input_shape(grad_path, grad_sess, input_shape)
 
+    smooth_sess = None
+    if opts.load_grad and SMOOTH_FILE in manifest["files"]:
+        smooth_path = package_dir / SMOOTH_FILE
+        smooth_sess, _ = make_session(smooth_path, opts)
+        _check_io(smooth_path, smooth_sess, [INPUT_NAME, LABEL_NAME, TAU_NAME], [LOGITS_NAME, GRAD_NAME])
+        _check_input_shape(smooth_path, smooth_sess, input_shape)
+
     bounds_sess = None
     if opts.load_bounds and BOUNDS_FILE in manifest["files"]:
         bounds_path = package_dir / BOUNDS_FILE
@@ -293,7 +358,7 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
                        bounds_session=bounds_sess, probe_session=probe_sess, provider=provider,
                        bounds=tuple(manifest["input"].get("range", (0.0, 1.0))),
                        static_batch=(provider == CUDA if opts.static_batch is None
-                                     else opts.static_batch))
+                                     else opts.static_batch), smooth_session=smooth_sess)
     # The served graph and its twin must agree; a cheap probe catches a mismatched pair.
     if grad_sess is not None:
         probe = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
@@ -302,6 +367,11 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
         if not np.allclose(a, b, atol=1e-4, rtol=1e-4):
             raise PackageError(f"{package_dir / GRAD_FILE}: twin logits differ from {MODEL_FILE} "
                                f"(max abs diff {float(np.abs(a - b).max()):.3g})")
+        if smooth_sess is not None:
+            c, _ = pkg._smooth_grad(probe, np.zeros(2, dtype=np.int64), np.array([0.05], np.float32))
+            if not np.allclose(a, c, atol=1e-4, rtol=1e-4):
+                raise PackageError(f"{package_dir / SMOOTH_FILE}: twin logits differ from {MODEL_FILE} "
+                                   f"(max abs diff {float(np.abs(a - c).max()):.3g})")
         pkg.stats.update(logits=0, grad=0)
     # Bounds at eps=0 must collapse onto the logits (catches a bounds graph of another model).
     if bounds_sess is not None:

@@ -4,7 +4,7 @@ Shard semantics (``dcs evaluate --shard i/n``): after ``--limit``, the test set 
 examples; shard ``i`` (0 ≤ i < n ≤ N) is the contiguous range ``[⌊i·N/n⌋, ⌊(i+1)·N/n⌋)`` of
 global example indices. The shards partition ``0..N-1``.
 
-Exactness: ``robustness.audit`` draws every example's random numbers from
+Exactness: ``dcs.robustness.audit`` draws every example's random numbers from
 ``default_rng([seed, job, global_index])`` (``ExampleRNG``), targets included, so a shard computes
 for each of its examples exactly what the unsharded run computes for it (given an oracle whose
 per-example output does not depend on the batch it came in, true of the ONNX packages here).
@@ -21,7 +21,7 @@ merged report equals the unsharded one (``strip_nondeterministic``; only ``creat
 ``wall_s`` differ; ``wall_s`` is the sum over shards). The check lines printed in a shard report
 are about that shard alone.
 
-Certify (``robustness.certify``): each shard certifies its examples and records per ε the
+Certify (``dcs.robustness.certify``): each shard certifies its examples and records per ε the
 per-example certified flags and margin lower bounds and its unstable-activation count;
 ``merge_shards`` rebuilds the ``certified`` section with ``certify.section`` and re-runs the
 ``certified_le_empirical`` check on the merged data.
@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from robustness import checks as C
-from robustness.metrics import metrics_from_outcomes
-from robustness.report.schema import Report
+from dcs.robustness import checks as C
+from dcs.robustness.metrics import metrics_from_outcomes
+from dcs.robustness.report.schema import Report
 
 _SHARD_RE = re.compile(r"^\s*(-?\d+)\s*/\s*(-?\d+)\s*$")
 
@@ -113,8 +113,8 @@ def _same(docs: Sequence[tuple[str, Mapping]], what: str, get) -> None:
 
 def merge_shards(docs: Sequence[tuple[str, Mapping]]) -> Report:
     """Merge shard report dicts ``[(path, dict)]`` into the unsharded run's ``Report``."""
-    from robustness.audit import checks_from_predictions
-    from robustness.suites import Suite
+    from dcs.robustness.audit import checks_from_predictions
+    from dcs.robustness.suites import Suite
 
     if not docs:
         raise ShardError("no shard reports given")
@@ -230,7 +230,7 @@ def merge_shards(docs: Sequence[tuple[str, Mapping]]) -> Report:
 
 def _merge_certified(docs, gather, worst_case, results) -> dict[str, Any]:
     """The ``certified`` section from the shards' per-example certify outcomes (``certify.section``)."""
-    from robustness import certify as CE
+    from dcs.robustness import certify as CE
 
     first = docs[0][1]
     certs = []

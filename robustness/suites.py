@@ -22,6 +22,13 @@ File format (YAML or JSON), every key optional except ``attacks``::
       - {attack: transfer, params: {source: /path/to/other/package, attack: pgd,
                                     attack_params: {steps: 20}}}
     checks: {enabled: true, large_eps: 0.5}
+    adaptive: true     # default: gradient attacks run across the model's BPDA surrogate family
+
+``adaptive`` (issue 25, ``dcs.robustness.adaptive``): for a model that declares a family of
+backward surrogates (a polarizing front end), every gradient attack runs through each member
+kept by a calibration run and the per-example worst case counts; ``false`` attacks through the
+default (straight-through) twin only, and the ``surrogate_sensitivity`` check then warns if the
+members disagree. Models without such layers are audited the same either way.
 """
 from __future__ import annotations
 
@@ -32,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robustness import certify as _certify
-from robustness.attacks import REGISTRY, AttackError, build
+from dcs.robustness import certify as _certify
+from dcs.robustness.attacks import REGISTRY, AttackError, build
 
 #: Every name a suite entry may use: the attacks plus non-attack evaluators (``certify``).
 
@@ -105,6 +112,7 @@ class Suite:
     cascade: bool = False
     checks: CheckConfig = CheckConfig()
     n_images: int = 8
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if not self.attacks:
@@ -150,10 +158,19 @@ class Suite:
         out += [(s, float(s.eps)) for s in self.attacks if s.eps is not None]
         return out
 
-    def estimate_cost(self, n: int) -> tuple[int, int]:
-        """Worst-case (gradients, queries) in examples for ``n`` inputs, checks included."""
+    def estimate_cost(self, n: int, surrogates: int = 1) -> tuple[int, int]:
+        """Worst-case (gradients, queries) in examples for ``n`` inputs, checks included.
+
+        ``surrogates``: members of the model's BPDA surrogate family the gradient attacks run
+        through (``dcs.robustness.adaptive``): every member's gradients count, plus the
+        calibration run (``checks.steps``-step PGD per member on the check subset)."""
         n = min(n, self.max_examples or n)
         grads = queries = n  # clean pass
+        k = max(1, int(surrogates)) if self.adaptive else 1
+        if int(surrogates) > 1:
+            m = min(n, self.checks.max_examples)
+            grads += int(surrogates) * m * self.checks.steps
+            queries += int(surrogates) * 2 * m
         for spec, eps in self.jobs():
             params = {k: v for k, v in spec.params.items() if k != "source"}
             if is_evaluator(spec.attack):
@@ -182,8 +199,9 @@ class Suite:
                 a = build(spec.attack, eps=eps, **params)
             except AttackError as exc:
                 raise SuiteError(f"suite {self.name!r}: attack {spec.display!r}: {exc}") from None
-            grads += a.gradient_cost(n)
-            queries += a.query_cost(n)
+            mult = k if a.capabilities.needs_gradients and a.surrogate is None else 1
+            grads += mult * a.gradient_cost(n)
+            queries += mult * a.query_cost(n)
         if self.checks.enabled:
             m = min(n, self.checks.max_examples)
             c = self.checks
@@ -197,7 +215,7 @@ class Suite:
                 "attacks": [s.to_dict() for s in self.attacks], "max_examples": self.max_examples,
                 "max_gradients": self.max_gradients, "max_queries": self.max_queries,
                 "batch_size": self.batch_size, "cascade": self.cascade,
-                "checks": self.checks.to_dict(), "n_images": self.n_images}
+                "checks": self.checks.to_dict(), "n_images": self.n_images, "adaptive": self.adaptive}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, default_name: str = "custom") -> Suite:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robustness.manifest import (
+from dcs.robustness.manifest import (
     BOUNDS_FILE,
     EPS_NAME,
     GRAD_FILE,
@@ -129,7 +129,7 @@ def _graphs(w: MLPWeights, input_shape: Sequence[int]):
     ]
     model = helper.make_model(
         helper.make_graph(forward, "mlp", [x_info], [logits_info], inits),
-        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="robustness.testing")
+        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dcs.robustness.testing")
 
     grad_inits = inits + [
         numpy_helper.from_array(w.w1.T.copy().astype(np.float32), "w1t"),
@@ -154,7 +154,7 @@ def _graphs(w: MLPWeights, input_shape: Sequence[int]):
     grad_info = helper.make_tensor_value_info(GRAD_NAME, TensorProto.FLOAT, ["N", *input_shape])
     grad_model = helper.make_model(
         helper.make_graph(backward, "mlp_grad", [x_info, y_info], [logits_info, grad_info], grad_inits),
-        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="robustness.testing")
+        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dcs.robustness.testing")
     onnx.checker.check_model(model)
     onnx.checker.check_model(grad_model)
     return model, grad_model
@@ -195,7 +195,7 @@ def _bounds_graph(w: MLPWeights, input_shape: Sequence[int]):
     e_info = helper.make_tensor_value_info(EPS_NAME, TensorProto.FLOAT, [1])
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", k]) for n in (LOWER_NAME, UPPER_NAME)]
     model = helper.make_model(helper.make_graph(nodes, "mlp_bounds", [x_info, e_info], outs, inits),
-                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="robustness.testing")
+                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dcs.robustness.testing")
     onnx.checker.check_model(model)
     return model
 
@@ -231,7 +231,7 @@ def build_mlp_package(repo: str | Path, name: str, version: int, weights: MLPWei
         "architecture": {"kind": "mlp", "hidden": int(weights.w1.shape[1])},
         "gradient": {"kind": "exact", "bpda_layers": [], "note": "analytic backward built by hand"},
         "opset": OPSET,
-        "exporter": {"name": "robustness.testing", "onnx": onnx.__version__},
+        "exporter": {"name": "dcs.robustness.testing", "onnx": onnx.__version__},
         "files": files,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

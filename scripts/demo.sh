@@ -104,7 +104,7 @@ import sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from training.data import load_dataset
+from dcs.data import load_dataset
 ds = load_dataset(sys.argv[1], limit_test=4)
 out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
 for i, (x, y) in enumerate(zip(ds.x_test, ds.y_test)):

@@ -13,5 +13,5 @@ Layers (servicer → data plane → model):
 - ``servicers``    classifier.v1.Classifier and inference.GRPCInferenceService (KServe v2)
 - ``jobs``, ``audit``, ``audit_servicer``   audit jobs: SQLite store, worker pool, gRPC
 - ``app``          assembly, health, reflection, TLS, signals, bounded graceful stop
-- ``__main__``     ``dcs-server`` / ``python -m server``
+- ``__main__``     ``dcs-server`` / ``python -m dcs.server``
 """

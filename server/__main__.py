@@ -1,4 +1,4 @@
-"""``dcs-server`` / ``python -m server``: parse the configuration at the edge and serve."""
+"""``dcs-server`` / ``python -m dcs.server``: parse the configuration at the edge and serve."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from server.config import ConfigError, build_parser, load_config
+from dcs.server.config import ConfigError, build_parser, load_config
 
 log = logging.getLogger("server")
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.app import serve
+    from dcs.server.app import serve
 
     log.info("event loop: %s", loop_name)
     try:

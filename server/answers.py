@@ -112,3 +112,81 @@ def classify_answer(rows: EncodedRows, start: int, stop: int, k: int) -> bytes |
         body = data[starts[i]:ends[i][k - 1]]
         parts.append(_TAG_PREDICTION + varint(len(body)) + body)
     return b"".join(parts)
+
+
+# --- KServe v2 ModelInfer ------------------------------------------------------------------------
+# ModelInferResponse: model_name = 1, model_version = 2, id = 3, outputs = 5,
+# raw_output_contents = 6 (every one length-delimited).
+_TAG_INFER_ID = b"\x1a"
+_TAG_INFER_OUTPUT = b"\x2a"
+_TAG_INFER_RAW = b"\x32"
+
+
+class InferAnswers:
+    """Pre-encoded ``ModelInferResponse`` pieces of one model package, for the logits output.
+
+    ``head``: the serialized ``model_name`` and ``model_version`` fields; per batch size ``n``
+    the framed ``InferOutputTensor`` (name, FP32, shape ``[n, C]``), serialized once by the
+    generated class and cached. The raw contents are a slice of the batch's logits bytes, which
+    the batch worker writes once (``BatchScores.logits_raw``): per request the handler only joins
+    bytes (``tests/test_answers.py`` checks the result against upb's encoding of the same message).
+    """
+
+    __slots__ = ("_outputs", "_tensor", "classes", "head", "row_bytes", "suffixes")
+
+    def __init__(self, head: bytes, num_classes: int, labels: Sequence[str],
+                 output_tensor) -> None:
+        """``head``: ``ModelInferResponse(model_name=..., model_version=...)`` serialized;
+        ``output_tensor(n, k)``: the serialized ``InferOutputTensor`` of ``n`` rows (``k`` 0: the
+        FP32 logits ``[n, C]``; else the classification extension's BYTES ``[n, k]``)."""
+        self.head = head
+        self.classes = num_classes
+        self.row_bytes = 4 * num_classes
+        self._tensor = output_tensor
+        self._outputs: dict[tuple[int, int], bytes] = {}
+        # the classification extension's "<value>:<index>:<label>" after the value, per class
+        self.suffixes = [f":{j}:{label}".encode() for j, label in enumerate(labels)]
+
+    def output(self, n: int, k: int = 0) -> bytes:
+        """The framed ``outputs`` field for ``n`` rows (``k`` classes, 0: logits)."""
+        framed = self._outputs.get((n, k))
+        if framed is None:
+            body = self._tensor(n, k)
+            framed = self._outputs[(n, k)] = _TAG_INFER_OUTPUT + varint(len(body)) + body
+        return framed
+
+    def _head(self, request_id: str) -> bytes:
+        return self.head if not request_id else self.head + _length_delimited(
+            _TAG_INFER_ID, request_id.encode())
+
+    def logits_bytes(self, raw: bytes, start: int, stop: int) -> bytes:
+        """Rows ``start:stop`` of a batch whose logits bytes (row-major float32) are ``raw``."""
+        return raw[start * self.row_bytes:stop * self.row_bytes]
+
+    def classification_bytes(self, values: list[list[float]], indices: list[list[int]]) -> bytes:
+        """The classification extension's BYTES tensor contents: per row its ``k`` best classes
+        as Triton formats them, ``"<logit>:<index>:<label>"``, each behind a 4-byte length."""
+        suffixes = self.suffixes
+        items = []
+        for vs, js in zip(values, indices):
+            for v, j in zip(vs, js):
+                item = b"%f" % v + suffixes[j]
+                items.append(len(item).to_bytes(4, "little"))
+                items.append(item)
+        return b"".join(items)
+
+    def logits(self, raw: bytes, start: int, stop: int, request_id: str = "") -> bytes:
+        """Serialized response with the FP32 logits of batch rows ``start:stop`` (the common
+        case: one output, answered with one join)."""
+        body = raw[start * self.row_bytes:stop * self.row_bytes]
+        return b"".join((self._head(request_id), self.output(stop - start), _TAG_INFER_RAW,
+                         varint(len(body)), body))
+
+    def response(self, n: int, outputs: list[tuple[int, bytes]], request_id: str = "") -> bytes:
+        """Serialized response of ``n`` rows with ``outputs``: per requested output its ``k``
+        (0: logits) and raw contents, in request order."""
+        parts = [self._head(request_id)]
+        parts += [self.output(n, k) for k, _ in outputs]
+        for _, body in outputs:
+            parts += (_TAG_INFER_RAW, varint(len(body)), body)
+        return b"".join(parts)

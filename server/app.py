@@ -16,15 +16,15 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from proto import classifier_pb2_grpc, grpc_predict_v2_pb2_grpc
-from server.batcher import Batcher
-from server.config import ServerConfig
-from server.dataplane import DataPlane, score_batch
-from server.interceptor import ErrorInterceptor
-from server.metrics import ServerMetrics
-from server.repository import ModelRepository
-from server.runtime import ModelRuntime
-from server.servicers import (
+from dcs.proto import classifier_pb2_grpc, grpc_predict_v2_pb2_grpc
+from dcs.server.batcher import Batcher
+from dcs.server.config import ServerConfig
+from dcs.server.dataplane import DataPlane, score_batch
+from dcs.server.interceptor import ErrorInterceptor
+from dcs.server.metrics import ServerMetrics
+from dcs.server.repository import ModelRepository
+from dcs.server.runtime import ModelRuntime
+from dcs.server.servicers import (
     AUDIT_SERVICE,
     CLASSIFIER_SERVICE,
     INFERENCE_SERVICE,
@@ -152,7 +152,7 @@ class Server:
 
     def _make_audits(self):
         try:
-            from server.audit_servicer import AuditService
+            from dcs.server.audit_servicer import AuditService
         except ImportError as exc:
             log.warning("audit service disabled: %s", exc)
             return None
@@ -160,7 +160,7 @@ class Server:
             return AuditService(self.config, self.dataplane, self.metrics)
         except (OSError, sqlite3.Error) as exc:
             # A read-only, full or broken --state-dir must not take classify down with it.
-            from server.audit_servicer import UnavailableAuditService
+            from dcs.server.audit_servicer import UnavailableAuditService
 
             reason = (f"--state-dir {str(self.config.state_dir)!r} cannot be used "
                       f"({type(exc).__name__}: {exc})")

@@ -1,11 +1,11 @@
 """Robustness audits as persisted jobs (issue 7, server half).
 
 ``AuditManager`` is the domain side: validate a request against the served model and the
-limits, persist it (``server.jobs.JobStore``), run it on its own worker pool with its own ORT
+limits, persist it (``dcs.server.jobs.JobStore``), run it on its own worker pool with its own ORT
 sessions (``--audit-threads`` intra-op threads, ``--max-concurrent-audits`` workers) so the
 classify path keeps its latency, publish progress to watchers, write report.json/.html with
-``robustness.report.write_report`` and record the summary. The attack engine is
-``robustness.audit.audit``. ``AuditService`` bundles the manager and its gRPC servicer.
+``dcs.robustness.report.write_report`` and record the summary. The attack engine is
+``dcs.robustness.audit.audit``. ``AuditService`` bundles the manager and its gRPC servicer.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from robustness.attacks import Stopped
-from robustness.audit import AuditCancelled, AuditError, ProgressEvent, audit
-from robustness.manifest import PackageError
-from robustness.package import SessionOptions, load_package
-from robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite, is_evaluator
-from server.config import ServerConfig
-from server.dataplane import DataPlane
-from server.errors import (
+from dcs.robustness.attacks import Stopped
+from dcs.robustness.audit import AuditCancelled, AuditError, ProgressEvent, audit
+from dcs.robustness.manifest import PackageError
+from dcs.robustness.package import SessionOptions, load_package
+from dcs.robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite, is_evaluator
+from dcs.server.config import ServerConfig
+from dcs.server.dataplane import DataPlane
+from dcs.server.errors import (
     FailedPrecondition,
     InvalidInput,
     JobNotFound,
@@ -41,7 +41,7 @@ from server.errors import (
     StateUnavailable,
     Unauthenticated,
 )
-from server.jobs import (
+from dcs.server.jobs import (
     CANCELLED,
     FAILED,
     FINAL,
@@ -51,8 +51,8 @@ from server.jobs import (
     JobRow,
     JobStore,
 )
-from server.metrics import AUDIT_STATES, ServerMetrics
-from server.priority import lower_thread_priority
+from dcs.server.metrics import AUDIT_STATES, ServerMetrics
+from dcs.server.priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class StoppableOracle:
 
     The engine polls ``should_stop`` between batches only; checking here as well makes cancel
     and shutdown take effect within one oracle call. It raises the engine's ``Stopped``, which
-    ``robustness.audit.audit`` turns into ``AuditCancelled``.
+    ``dcs.robustness.audit.audit`` turns into ``AuditCancelled``.
     """
 
     def __init__(self, inner: Any, should_stop, on_call=None) -> None:
@@ -345,7 +345,7 @@ class AuditManager:
             raise InvalidInput(f"suite: {exc}") from None
 
     def _decode_examples(self, rt, dtype: str, shape: list[int], raw: bytes) -> np.ndarray:
-        from server.dataplane import DTYPES
+        from dcs.server.dataplane import DTYPES
 
         want = tuple(rt.input_shape)
         if dtype not in DTYPES:
@@ -507,7 +507,7 @@ class AuditManager:
                 raise AuditCancelled(str(exc)) from None
             out = self.store.reports_dir / job_id
             try:
-                from robustness.report import write_report
+                from dcs.robustness.report import write_report
 
                 write_report(report, out, oracle=pkg)
             except Exception:
@@ -551,7 +551,7 @@ class AuditManager:
         if data["kind"] == "examples":
             with np.load(data["path"]) as z:
                 return z["x"], z["y"], None
-        from training.data import DataError, load_dataset  # torch-free numpy loaders
+        from dcs.data import DataError, load_dataset  # torch-free numpy loaders
 
         try:
             ds = load_dataset(data["name"], str(self.config.data_dir) if self.config.data_dir else None,

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
-from server.audit import AuditManager, AuditRequest, DatasetSpec, TokenAuth
-from server.config import ServerConfig
-from server.dataplane import DataPlane
-from server.errors import InvalidInput, NotReady
-from server.jobs import JobRow
-from server.metrics import ServerMetrics
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
+from dcs.server.audit import AuditManager, AuditRequest, DatasetSpec, TokenAuth
+from dcs.server.config import ServerConfig
+from dcs.server.dataplane import DataPlane
+from dcs.server.errors import InvalidInput, NotReady
+from dcs.server.jobs import JobRow
+from dcs.server.metrics import ServerMetrics
 
 _STATE_TO_PB = {"queued": cpb.QUEUED, "running": cpb.RUNNING, "succeeded": cpb.SUCCEEDED,
                 "failed": cpb.FAILED, "cancelled": cpb.CANCELLED, "interrupted": cpb.INTERRUPTED}

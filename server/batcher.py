@@ -21,7 +21,7 @@ the time instead of 91%). Batches whose expected compute is tiny run on the even
 (``inline_compute_ms``), and so does a lone client's request (``inline_lone_ms``: its batch and
 the one before each held a single request and nothing else is queued or computing, so nobody
 waits for the loop); the rest in the executor, whose thread runs below the event loop's
-priority (``niceness``, ``server.priority``).
+priority (``niceness``, ``dcs.server.priority``).
 A full queue is ``QueueFull`` (RESOURCE_EXHAUSTED) at once, never a wait. If a batch fails, its
 requests are retried one by one so a single bad request cannot fail its neighbours.
 """
@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from server.errors import NotReady, QueueFull
-from server.metrics import ServerMetrics
-from server.priority import lower_thread_priority
-from server.runtime import ModelRuntime
+from dcs.server.errors import NotReady, QueueFull
+from dcs.server.metrics import ServerMetrics
+from dcs.server.priority import lower_thread_priority
+from dcs.server.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,11 @@ class Batcher:
                  max_queue: int, metrics: ServerMetrics, max_inflight: int = 1,
                  inline_compute_ms: float = 0.0, overlap: bool = False,
                  process: Callable[[np.ndarray], Any] | None = None, niceness: int = 0,
-                 inline_lone_ms: float = 0.0) -> None:
+                 inline_lone_ms: float = 0.0,
+                 compute_clock: Callable[[], float] = time.perf_counter) -> None:
         self.runtime = runtime
+        #: times each batch's compute (the cost the inline rules compare); tests pass a fake one
+        self._compute_clock = compute_clock
         self.overlap = overlap
         #: batch -> result sliceable by rows (``result[a:b]``); runs in the worker thread
         self._process = process or runtime.run
@@ -283,12 +286,16 @@ class Batcher:
         client: nobody else waits for the loop), under ``inline_lone_ms``. Unknown cost (no
         batch yet) → worker."""
         per = self._per_example_s
-        return per is not None and (per * n <= self.inline_s or (lone and per * n <= self.inline_lone_s))
+        if per is None:
+            return False
+        cost = per * n  # a limit of 0 is off, even for a batch whose measured cost is 0
+        return (0 < self.inline_s and cost <= self.inline_s) or (
+            lone and 0 < self.inline_lone_s and cost <= self.inline_lone_s)
 
     def _timed_run(self, x: np.ndarray) -> tuple[Any, float]:
-        start = time.perf_counter()
+        start = self._compute_clock()
         out = self._process(x)
-        return out, time.perf_counter() - start
+        return out, self._compute_clock() - start
 
     async def _run_batch(self, items: list[_Item], lone: bool = False) -> None:
         loop = asyncio.get_running_loop()

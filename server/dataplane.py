@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from server.batcher import BatcherClosed
-from server.errors import InvalidInput, ModelNotFound, NotReady
-from server.interceptor import current_model
-from server.repository import ModelRepository, Served
+from dcs.server.batcher import BatcherClosed
+from dcs.server.errors import InvalidInput, ModelNotFound, NotReady
+from dcs.server.interceptor import current_model
+from dcs.server.repository import ModelRepository, Served
 
 #: wire dtype name -> (numpy dtype, scale to [0, 1])
 DTYPES = {"FLOAT32": (np.dtype("<f4"), 1.0), "UINT8": (np.dtype("u1"), 1.0 / 255.0)}
@@ -43,6 +43,7 @@ class BatchScores:
     in_range: np.ndarray       # [N] bool: the input row was finite and within [0, 1]
     all_in_range: bool         # in_range.all(), so a request of a clean batch skips the check
     encoded: Any = None        # what ``score_batch``'s ``encode`` made of the ranking, if any
+    logits_raw: bytes = b""    # ``logits`` as little-endian float32 bytes, row-major (ModelInfer)
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -108,7 +109,8 @@ def score_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
     probs = np.take_along_axis(p, order, 1)
     ranked = np.take_along_axis(logits, order, 1)
     return BatchScores(logits, order, probs, ranked, in_range, bool(in_range.all()),
-                       encode(order, probs, ranked) if encode is not None else None)
+                       encode(order, probs, ranked) if encode is not None else None,
+                       np.ascontiguousarray(logits, dtype="<f4").tobytes())
 
 
 class DataPlane:

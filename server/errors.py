@@ -3,7 +3,7 @@
 Errors know nothing about the transport: each ``ServiceError`` subclass has a class-level
 ``code`` (a ``grpc.StatusCode`` member *name*, so this module imports no grpc) and its message
 names the field, the value received and what was expected. ``ErrorInterceptor`` (in
-``server.interceptor``) is the only place that turns them into statuses.
+``dcs.server.interceptor``) is the only place that turns them into statuses.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 
-from server.errors import InvalidInput, ServiceError
-from server.metrics import ServerMetrics
+from dcs.server.errors import InvalidInput, ServiceError
+from dcs.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _tolerant(deserializer):
 
 def _passthrough(serializer):
     """The response serializer, except that a handler may return the serialized bytes itself
-    (``server.answers``: classify answers encoded in the batch worker)."""
+    (``dcs.server.answers``: classify answers encoded in the batch worker)."""
     if serializer is None:
         return None
 
@@ -109,7 +109,8 @@ class ErrorInterceptor:
         for service, handlers in capture.services:
             wrapped = {name: self.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
-            server.add_registered_method_handlers(service, wrapped)
+            if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63: faster lookup
+                server.add_registered_method_handlers(service, wrapped)
 
     async def wait_unary_idle(self) -> None:
         """Return once no unary RPC of ours is being handled (used by the graceful stop)."""
@@ -220,13 +221,36 @@ def _code_name(context) -> str:
 
 
 class _Capture:
-    """Stands in for the server in a generated ``add_XServicer_to_server``; keeps the handlers."""
+    """Stands in for the server in a generated ``add_XServicer_to_server``; keeps the handlers.
+
+    Stubs from grpcio-tools 1.62 (what ``make proto`` pins, so they load on every declared
+    grpcio and protobuf) register one generic handler per service; newer ones also register the
+    methods by name. Either way the method handlers are read through public API: the service
+    name, the method names from the service's descriptor, and ``service(details)`` per method.
+    """
 
     def __init__(self) -> None:
         self.services: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
 
     def add_generic_rpc_handlers(self, handlers) -> None:
-        pass  # the same handlers arrive through add_registered_method_handlers
+        from google.protobuf import descriptor_pool
+
+        for handler in handlers:
+            service = handler.service_name()
+            if any(name == service for name, _ in self.services):
+                continue
+            methods = descriptor_pool.Default().FindServiceByName(service).methods
+            found = {m.name: handler.service(_CallDetails(f"/{service}/{m.name}")) for m in methods}
+            self.services.append((service, {k: h for k, h in found.items() if h is not None}))
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.services = [(name, h) for name, h in self.services if name != service]
         self.services.append((service, dict(handlers)))
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    """The one field a generic handler reads to pick a method handler."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()

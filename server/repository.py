@@ -15,10 +15,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from robustness.manifest import PackageError, valid_name
-from server.batcher import Batcher
-from server.metrics import ServerMetrics
-from server.runtime import ModelRuntime, fingerprint
+from dcs.robustness.manifest import PackageError, valid_name
+from dcs.server.batcher import Batcher
+from dcs.server.metrics import ServerMetrics
+from dcs.server.runtime import ModelRuntime, fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from robustness.package import CPU, CUDA, ModelPackage, SessionOptions, load_package
+from dcs.robustness.package import CPU, CUDA, ModelPackage, SessionOptions, load_package
 
 log = logging.getLogger(__name__)
 

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
-from proto import grpc_predict_v2_pb2 as ipb
-from proto import grpc_predict_v2_pb2_grpc as ipb_grpc
-from robustness.manifest import INPUT_NAME, LOGITS_NAME
-from server.answers import ClassifyAnswers, classify_answer
-from server.dataplane import DataPlane
-from server.errors import InvalidInput
-from server.repository import Served
-from server.runtime import ModelRuntime
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import grpc_predict_v2_pb2 as ipb
+from dcs.proto import grpc_predict_v2_pb2_grpc as ipb_grpc
+from dcs.robustness.manifest import INPUT_NAME, LOGITS_NAME
+from dcs.server.answers import ClassifyAnswers, InferAnswers, classify_answer
+from dcs.server.dataplane import DataPlane
+from dcs.server.errors import InvalidInput
+from dcs.server.repository import Served
+from dcs.server.runtime import ModelRuntime
 
 SERVER_NAME = "defended-classifier-service"
 SERVER_VERSION = "0.1.0"
@@ -104,8 +103,43 @@ def _version(text: str, field: str = "model_version") -> int:
         raise InvalidInput(f"{field} is {text!r}; expected an integer version or empty") from None
 
 
-def _serialize_bytes(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+def infer_answers(rt: ModelRuntime) -> InferAnswers:
+    """The pre-encoded ``ModelInferResponse`` pieces of ``rt``."""
+    head = ipb.ModelInferResponse(model_name=rt.name, model_version=str(rt.version)).SerializeToString()
+    classes = len(rt.labels)
+
+    def tensor(n: int, k: int) -> bytes:
+        return ipb.ModelInferResponse.InferOutputTensor(
+            name=LOGITS_NAME, datatype="BYTES" if k else "FP32",
+            shape=[n, k or classes]).SerializeToString()
+    return InferAnswers(head, classes, rt.labels, tensor)
+
+
+def _typed_contents(contents: ipb.InferTensorContents, dtype: str) -> bytes:
+    """The raw bytes of an input sent as typed contents (``fp32_contents``/``uint_contents``).
+
+    FP32: the message's own wire bytes are the packed little-endian floats behind a tag and a
+    length, so the values are read from one ``SerializeToString`` without a Python float per
+    value. UINT8 (uint32 varints on the wire) goes through numpy once, with the range check."""
+    if dtype == "FLOAT32":
+        wire = contents.SerializeToString()
+        if not wire:
+            return b""
+        if wire[0] == 0x32:  # fp32_contents (6), length-delimited
+            length, at = 0, 1
+            for shift in range(0, 35, 7):
+                byte = wire[at]
+                at += 1
+                length |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+            if at + length == len(wire):  # nothing but fp32_contents was set
+                return wire[at:]
+        return np.asarray(contents.fp32_contents, dtype="<f4").tobytes()
+    values = np.fromiter(contents.uint_contents, dtype=np.int64, count=len(contents.uint_contents))
+    if values.size and (values.min() < 0 or values.max() > 255):
+        raise InvalidInput("inputs[0].contents.uint_contents has values outside 0..255 for UINT8")
+    return values.astype(np.uint8).tobytes()
 
 
 class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
@@ -113,6 +147,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, dataplane: DataPlane) -> None:
         self._dp = dataplane
+        self._infer_answers: dict[int, tuple[ModelRuntime, InferAnswers]] = {}
 
     async def ServerLive(self, request, context):
         return ipb.ServerLiveResponse(live=self._dp.live)
@@ -136,64 +171,79 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
             inputs=[tm(name=INPUT_NAME, datatype="FP32", shape=[-1, *rt.input_shape])],
             outputs=[tm(name=LOGITS_NAME, datatype="FP32", shape=[-1, len(rt.labels)])])
 
-    async def ModelInfer(self, request: ipb.ModelInferRequest, context):
-        served = self._dp.get_model(request.model_name, _version(request.model_version))
-        if len(request.inputs) != 1:
-            raise InvalidInput(f"inputs has {len(request.inputs)} tensors; expected exactly one "
+    def _answers(self, rt: ModelRuntime) -> InferAnswers:
+        """``rt``'s pre-encoded answer pieces, built on its first request (a reload brings a new
+        runtime object, hence new pieces)."""
+        got = self._infer_answers.get(id(rt))
+        if got is None or got[0] is not rt:
+            if len(self._infer_answers) > 64:  # forget unloaded versions now and then
+                self._infer_answers.clear()
+            got = self._infer_answers[id(rt)] = (rt, infer_answers(rt))
+        return got[1]
+
+    async def ModelInfer(self, request: ipb.ModelInferRequest, context) -> bytes:
+        """One input ``x`` (FP32 or UINT8, raw or typed contents), the ``logits`` output (FP32,
+        or the classification extension's strings with ``class_count``).
+
+        The answer is bytes: the package's pre-encoded head and output tensor plus a slice of the
+        batch's logits, written once per batch by the model's worker (``server.answers``)."""
+        version = request.model_version
+        served = self._dp.get_model(request.model_name, _version(version) if version else 0)
+        inputs = request.inputs
+        if len(inputs) != 1:
+            raise InvalidInput(f"inputs has {len(inputs)} tensors; expected exactly one "
                                f"named {INPUT_NAME!r}")
-        tensor = request.inputs[0]
+        tensor = inputs[0]
         if tensor.name != INPUT_NAME:
             raise InvalidInput(f"inputs[0].name is {tensor.name!r}; expected {INPUT_NAME!r}")
         dtype = _KSERVE_DTYPES.get(tensor.datatype)
         if dtype is None:
             raise InvalidInput(f"inputs[0].datatype is {tensor.datatype!r}; expected FP32 or UINT8")
-        if request.raw_input_contents:
-            if len(request.raw_input_contents) != 1:
-                raise InvalidInput(f"raw_input_contents has {len(request.raw_input_contents)} "
+        raw = request.raw_input_contents
+        if raw:
+            if len(raw) != 1:
+                raise InvalidInput(f"raw_input_contents has {len(raw)} "
                                    "entries; expected one per input (1)")
-            data = request.raw_input_contents[0]
-        elif dtype == "FLOAT32":
-            data = np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
+            data = raw[0]
         else:
-            values = np.asarray(tensor.contents.uint_contents, dtype=np.int64)
-            if values.size and (values.min() < 0 or values.max() > 255):
-                raise InvalidInput("inputs[0].contents.uint_contents has values outside 0..255 for UINT8")
-            data = values.astype(np.uint8).tobytes()
-        x = self._dp.decode(served, dtype=dtype, shape=list(tensor.shape), data=data,
-                            field="inputs[0]")
-        wanted: list[tuple[str, int]] = []  # (name, classification k or 0)
-        for i, out in enumerate(request.outputs):
-            if out.name != LOGITS_NAME:
-                raise InvalidInput(f"outputs[{i}].name is {out.name!r}; expected {LOGITS_NAME!r}")
-            k = 0
-            if "classification" in out.parameters:
-                param = out.parameters["classification"]
-                k = int(param.int64_param) if param.WhichOneof("parameter_choice") == "int64_param" \
-                    else -1
-                if k < 1:
-                    raise InvalidInput(f"outputs[{i}].parameters['classification'] must be an "
-                                       f"int64 >= 1, got {param}")
-            wanted.append((out.name, k))
-        if not wanted:
-            wanted = [(LOGITS_NAME, 0)]
+            data = _typed_contents(tensor.contents, dtype)
+        x = self._dp.decode(served, dtype=dtype, shape=tensor.shape, data=data, field="inputs[0]")
+        ks = _wanted(request.outputs) if request.outputs else _LOGITS_ONLY
         scored, served = await self._dp.infer(served, x, field="inputs[0]")
-        logits = scored.logits
-        rt = served.runtime
-        outputs, raws = [], []
-        for name, k in wanted:
+        answers = self._answers(served.runtime)
+        raw_logits = scored.batch.logits_raw or np.ascontiguousarray(
+            scored.batch.logits, dtype="<f4").tobytes()
+        if ks is _LOGITS_ONLY:
+            return answers.logits(raw_logits, scored.start, scored.stop, request.id)
+        bodies = []
+        for k in ks:
             if k == 0:
-                outputs.append(ipb.ModelInferResponse.InferOutputTensor(
-                    name=name, datatype="FP32", shape=list(logits.shape)))
-                raws.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+                bodies.append((0, answers.logits_bytes(raw_logits, scored.start, scored.stop)))
             else:
-                k = min(k, logits.shape[1])
-                top = scored.top(k)
-                # Triton's format: "<value>:<index>:<label>", value = the output tensor's value.
-                items = [f"{top.logits[i, j]:f}:{int(top.indices[i, j])}:"
-                         f"{rt.labels[int(top.indices[i, j])]}".encode()
-                         for i in range(len(logits)) for j in range(k)]
-                outputs.append(ipb.ModelInferResponse.InferOutputTensor(
-                    name=name, datatype="BYTES", shape=[len(logits), k]))
-                raws.append(_serialize_bytes(items))
-        return ipb.ModelInferResponse(model_name=rt.name, model_version=str(rt.version),
-                                      id=request.id, outputs=outputs, raw_output_contents=raws)
+                top = scored.top(min(k, answers.classes))
+                bodies.append((top.indices.shape[1], answers.classification_bytes(
+                    top.logits.tolist(), top.indices.tolist())))
+        return answers.response(len(scored), bodies, request.id)
+
+
+_LOGITS_ONLY = [0]
+
+
+def _wanted(outputs) -> list[int]:
+    """Per requested output (all must be ``logits``): the classification extension's
+    ``class_count``, or 0 for the logits themselves."""
+    ks = []
+    for i, out in enumerate(outputs):
+        if out.name != LOGITS_NAME:
+            raise InvalidInput(f"outputs[{i}].name is {out.name!r}; expected {LOGITS_NAME!r}")
+        k = 0
+        params = out.parameters
+        if params and "classification" in params:
+            param = params["classification"]
+            k = int(param.int64_param) if param.WhichOneof("parameter_choice") == "int64_param" \
+                else -1
+            if k < 1:
+                raise InvalidInput(f"outputs[{i}].parameters['classification'] must be an "
+                                   f"int64 >= 1, got {param}")
+        ks.append(k)
+    return _LOGITS_ONLY if ks == _LOGITS_ONLY else ks

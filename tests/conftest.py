@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def digits_repo(tmp_path_factory) -> Path:
     """A model repository holding one numpy-trained MLP package for 8x8 digits."""
-    from robustness.testing import digits_package
+    from dcs.robustness.testing import digits_package
 
     repo = tmp_path_factory.mktemp("repo")
     digits_package(repo, name="digits-mlp", version=1)
@@ -22,7 +22,7 @@ def digits_repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_test():
     """The 500 held-out 8x8 digits as (x float32 [N,1,8,8] in [0,1], y int64)."""
-    from robustness.testing import load_digits_nchw
+    from dcs.robustness.testing import load_digits_nchw
 
     _, _, x, y = load_digits_nchw()
     return x, y

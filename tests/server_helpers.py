@@ -1,11 +1,11 @@
 """Start real servers for tests (reused by the client and deploy tests).
 
-- ``start_server_process(repo, *flags, env=None)``: ``python -m server`` in a child process on
+- ``start_server_process(repo, *flags, env=None)``: ``python -m dcs.server`` in a child process on
   free loopback ports (a ``--port``/``--metrics-port``/``--audit-port`` in ``flags`` wins; with
   ``--tls-cert`` the readiness probe uses TLS with that cert as CA) with torch blocked (``tests.torchless.BLOCK_TORCH``); waits for health
   SERVING (or not, ``wait_ready=False``). ``ServerProcess.stop()`` sends SIGTERM, waits, and
   raises if the child ever imported torch. Also usable as a context manager.
-- ``InProcessServer(repo, **config_overrides)``: a ``server.app.Server`` on 127.0.0.1:0 whose
+- ``InProcessServer(repo, **config_overrides)``: a ``dcs.server.app.Server`` on 127.0.0.1:0 whose
   asyncio loop runs in a background thread; use ``.target`` with ordinary sync grpc channels,
   ``.call(coro_fn)`` to run something on the server's loop, ``.stop()``.
 - ``free_port()``, ``wait_for_health(target, service="", timeout=...)``,
@@ -44,7 +44,7 @@ _CHILD = (
     "    bad = sorted(m for m, v in sys.modules.items() if m.split('.')[0] == 'torch' and v is not None)\n"
     "    sys.stderr.write('DCS_TORCH_MODULES=%s\\n' % ','.join(bad)); sys.stderr.flush()\n"
     "atexit.register(_report)\n"
-    "from server.__main__ import main\n"
+    "from dcs.server.__main__ import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
@@ -167,7 +167,7 @@ def start_server_process(repo: str | Path, *flags: str, env: dict[str, str] | No
                          metrics: bool = True, audit_port: bool = False,
                          state_dir: str | Path | None = None, wait_ready: bool = True,
                          timeout: float = 60.0, log_dir: str | Path | None = None) -> ServerProcess:
-    """Run ``python -m server --repo REPO`` on free loopback ports (torch blocked)."""
+    """Run ``python -m dcs.server --repo REPO`` on free loopback ports (torch blocked)."""
     port, mport = free_port(), (free_port() if metrics else 0)
     aport = free_port() if audit_port else 0
     owned = None if log_dir else Path(tempfile.mkdtemp(prefix="dcs-server-"))
@@ -208,7 +208,7 @@ class InProcessServer:
 
     def __init__(self, repo: str | Path, *, scan: bool = True, metrics_http: bool = False,
                  **overrides: Any) -> None:
-        from server.config import ServerConfig
+        from dcs.server.config import ServerConfig
 
         state = overrides.pop("state_dir", None)
         #: the state folder this helper made (removed by ``stop``); None when the test gave one
@@ -223,7 +223,7 @@ class InProcessServer:
         self._thread = threading.Thread(target=self.loop.run_forever, name="dcs-test-server",
                                         daemon=True)
         self._thread.start()
-        from server.app import Server
+        from dcs.server.app import Server
 
         self.server = self.call(lambda: _make(Server, self.config))
         self.call(lambda: self.server.start(scan=scan))

@@ -5,9 +5,9 @@ import asyncio
 
 import numpy as np
 
-from proto import classifier_pb2 as cpb
-from server.answers import ClassifyAnswers, classify_answer, varint
-from server.dataplane import score_batch
+from dcs.proto import classifier_pb2 as cpb
+from dcs.server.answers import ClassifyAnswers, classify_answer, varint
+from dcs.server.dataplane import score_batch
 
 REF = cpb.ModelRef(name="pfe", version=3, sha256="ab" * 32, provider="CPUExecutionProvider")
 # class 0 (no index on the wire), an empty label, non-ASCII, and one long enough for a 2-byte length
@@ -73,7 +73,7 @@ def test_k_beyond_the_encoded_ranks_is_left_to_the_caller():
 
 def test_servicer_falls_back_to_building_the_message_past_the_encoded_ranks():
     """Both paths of ``Classify`` answer the same message (and the bytes path is taken)."""
-    from server.servicers import ClassifierServicer
+    from dcs.server.servicers import ClassifierServicer
 
     logits = np.random.default_rng(2).normal(size=(3, len(LABELS))).astype(np.float32)
 

@@ -6,10 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from robustness.attacks import REGISTRY, AttackError, Budget, BudgetExceeded, Stopped, build
-from robustness.attacks.toy_oracles import ArrayOracle
-from robustness.oracle import ScoreOnlyView
-from robustness.testing import fit_mlp, load_digits_nchw
+from dcs.robustness.attacks import REGISTRY, AttackError, Budget, BudgetExceeded, Stopped, build
+from dcs.robustness.attacks.toy_oracles import ArrayOracle
+from dcs.robustness.oracle import ScoreOnlyView
+from dcs.robustness.testing import fit_mlp, load_digits_nchw
 
 EPS = 0.2
 N = 120
@@ -73,7 +73,10 @@ def test_early_stopping_changes_nothing(name, data):
     r1 = a.run(oracle, x, y, rng=np.random.default_rng(3))
     r2 = a.with_params(early_stop=False).run(oracle, x, y, rng=np.random.default_rng(3))
     np.testing.assert_array_equal(r1.success, r2.success)
-    np.testing.assert_allclose(r1.x_adv, r2.x_adv, atol=1e-6)
+    # Early stopping changes which rows share a batch, so the model's float32 sums run in another
+    # order (seen: 1.4e-6 apart on RP2 on a busy machine); a logic change moves pixels by a step
+    # (>= 1e-3 here), so 1e-5 still tells them apart.
+    np.testing.assert_allclose(r1.x_adv, r2.x_adv, atol=1e-5)
     if REGISTRY[name].capabilities.needs_gradients:
         assert r1.gradients <= r2.gradients
 
@@ -130,7 +133,7 @@ def test_rp2_changes_only_masked_pixels(data):
         assert changed[mask].any()
         assert not changed[~mask].any(), "RP2 changed a pixel outside the mask"
     res = build("rp2", steps=30).run(oracle, x, y, rng=np.random.default_rng(0))  # default stickers
-    from robustness.attacks import sticker_mask
+    from dcs.robustness.attacks import sticker_mask
 
     m = sticker_mask((8, 8), REGISTRY["rp2"].stickers)
     assert not np.any((res.x_adv != x)[:, :, ~m])
@@ -151,8 +154,8 @@ def test_same_rng_same_result_and_frozen(data):
 
 def test_dlr_gradient_from_ce_gradients_is_exact(data):
     oracle, _, x, y = data
-    from robustness.attacks.apgd import APGDDLR, dlr_loss
-    from robustness.attacks.base import CountingOracle
+    from dcs.robustness.attacks.apgd import APGDDLR, dlr_loss
+    from dcs.robustness.attacks.base import CountingOracle
 
     xs = x[:5].astype(np.float64)
     _, _, g = APGDDLR(eps=0.1)._objective(CountingOracle(oracle), x[:5], y[:5], None)

@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 
-from robustness.attacks.toy_oracles import ArrayOracle
-from robustness.audit import AuditBudgetExceeded, AuditCancelled, AuditError, ProgressEvent, audit
-from robustness.report import strip_nondeterministic
-from robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite, load_suite
-from robustness.testing import fit_mlp, load_digits_nchw
+from dcs.robustness.attacks.toy_oracles import ArrayOracle
+from dcs.robustness.audit import AuditBudgetExceeded, AuditCancelled, AuditError, ProgressEvent, audit
+from dcs.robustness.report import strip_nondeterministic
+from dcs.robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite, load_suite
+from dcs.robustness.testing import fit_mlp, load_digits_nchw
 from tests.torchless import run_without_torch
 
 
@@ -89,7 +89,7 @@ def test_bad_inputs_are_named(setup):
 
 def test_cascade_and_transfer(setup, tmp_path):
     oracle, x, y = setup
-    from robustness.testing import digits_package
+    from dcs.robustness.testing import digits_package
 
     src_dir, _ = digits_package(tmp_path, name="src", seed=4)
     suite = Suite(name="c", eps=(0.1,), cascade=True, attacks=(
@@ -134,18 +134,19 @@ def test_robustness_imports_without_torch(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         import numpy as np
-        import robustness, robustness.attacks, robustness.audit, robustness.checks, robustness.metrics
-        import robustness.suites, robustness.report, robustness.report.plots, robustness.report.html
-        import robustness.package, robustness.attacks.toy_oracles
-        import training.commands.evaluate, training.commands.compare
-        from robustness.attacks.toy_oracles import ArrayOracle
-        from robustness.testing import fit_mlp  # (sklearn's digits would pull scipy's torch probe)
-        from robustness.report import write_report
+        import dcs.robustness, dcs.robustness.attacks, dcs.robustness.audit, dcs.robustness.checks
+        import dcs.robustness.metrics, dcs.robustness.suites, dcs.robustness.report
+        import dcs.robustness.report.plots, dcs.robustness.report.html
+        import dcs.robustness.package, dcs.robustness.attacks.toy_oracles
+        import dcs.training.commands.evaluate, dcs.training.commands.compare
+        from dcs.robustness.attacks.toy_oracles import ArrayOracle
+        from dcs.robustness.testing import fit_mlp  # (sklearn's digits would pull scipy's torch probe)
+        from dcs.robustness.report import write_report
         rng = np.random.default_rng(0)
         x = rng.random((40, 1, 8, 8), dtype=np.float32)
         y = (x.reshape(40, -1).mean(1) > 0.5).astype(np.int64) + 2 * (x[:, 0, 0, 0] > 0.5)
         o = ArrayOracle(fit_mlp(x, y, 4, steps=50), 4, (1, 8, 8))
-        rep = robustness.audit.audit(o, x, y, "quick", seed=0)
+        rep = dcs.robustness.audit.audit(o, x, y, "quick", seed=0)
         write_report(rep, {str(tmp_path)!r})
         assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
     """)
@@ -156,7 +157,7 @@ def test_robustness_imports_without_torch(tmp_path):
 def test_attack_params_may_set_batch_size_but_not_eps():
     import numpy as np
 
-    from robustness.suites import CheckConfig
+    from dcs.robustness.suites import CheckConfig
 
     rng = np.random.default_rng(0)
     x = rng.random((20, 1, 8, 8), dtype=np.float32)

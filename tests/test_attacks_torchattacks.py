@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 torchattacks = pytest.importorskip("torchattacks")
 
-from robustness.attacks import build
-from robustness.attacks.toy_oracles import ArrayOracle
-from robustness.testing import MLPWeights, fit_mlp, gd_step, load_digits_nchw
+from dcs.robustness.attacks import build
+from dcs.robustness.attacks.toy_oracles import ArrayOracle
+from dcs.robustness.testing import MLPWeights, fit_mlp, gd_step, load_digits_nchw
 
 
 def adv_train(x, y, eps=0.1, steps=300, lr=0.5, seed=0) -> MLPWeights:

@@ -1,4 +1,4 @@
-"""``server.batcher.Batcher`` on its own: batch forming (with and without overlap), inline compute,
+"""``dcs.server.batcher.Batcher`` on its own: batch forming (with and without overlap), inline compute,
 failure isolation, close.
 
 The runtime is a stand-in with a controllable ``run`` (the real ORT path is covered by the server
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.batcher import Batcher, BatcherClosed
-from server.dataplane import score_batch
-from server.errors import QueueFull
-from server.metrics import ServerMetrics
-from server.priority import lower_thread_priority, thread_niceness
+from dcs.server.batcher import Batcher, BatcherClosed
+from dcs.server.dataplane import score_batch
+from dcs.server.errors import QueueFull
+from dcs.server.metrics import ServerMetrics
+from dcs.server.priority import lower_thread_priority, thread_niceness
 
 
 class FakeRuntime:
@@ -30,8 +30,13 @@ class FakeRuntime:
         self.fail_on = fail_on
         self.batches: list[int] = []
         self.threads: list[str] = []
+        self.elapsed = 0.0  # virtual compute time: ``clock`` for tests whose rule reads the cost
+
+    def clock(self) -> float:
+        return self.elapsed
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        self.elapsed += self.seconds
         self.batches.append(len(x))
         self.threads.append(threading.current_thread().name)
         if self.fail_on is not None and (x == self.fail_on).any():
@@ -91,8 +96,8 @@ def test_a_lone_client_is_served_on_the_loop_but_company_goes_to_the_worker():
     """``inline_lone_ms``: a request whose batch and the batch before each held one request runs
     on the event loop (nobody else waits for it); a batch of two goes to the worker even though
     it is as cheap; 0 disables; a model slower than the limit stays in the worker."""
-    async def main(rt, lone_ms):
-        b = _batcher(rt, inline_lone_ms=lone_ms)
+    async def main(rt, lone_ms):  # compute cost read from the runtime's virtual clock: a
+        b = _batcher(rt, inline_lone_ms=lone_ms, compute_clock=rt.clock)  # preemption can't move it
         b.start()
         for i in range(3):
             await b.submit(_x(i))  # one at a time: a lone client
@@ -110,7 +115,7 @@ def test_a_lone_client_is_served_on_the_loop_but_company_goes_to_the_worker():
         assert all(t.startswith("ort-fake") for t in rt.threads), (lone_ms, rt.threads)
 
     async def unbatched(rt):  # --max-batch 1 under load: batches of one, but others wait
-        b = _batcher(rt, max_batch=1, inline_lone_ms=1.0)
+        b = _batcher(rt, max_batch=1, inline_lone_ms=1.0, compute_clock=rt.clock)
         b.start()
         await b.submit(_x(0))
         await asyncio.gather(*(b.submit(_x(i)) for i in range(1, 6)))

@@ -52,7 +52,7 @@ def test_raw_reference_refuses_another_provider(tmp_path):
 
     if PROVIDERS["cuda"] in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    from robustness.testing import digits_package
+    from dcs.robustness.testing import digits_package
 
     path, _ = digits_package(tmp_path, "digits-raw", 1)
     with pytest.raises(RuntimeError, match="did not load"):

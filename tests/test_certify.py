@@ -11,16 +11,16 @@ import json
 import numpy as np
 import pytest
 
-from robustness import checks as C
-from robustness.attacks import REGISTRY, BudgetExceeded, Stopped
-from robustness.attacks.toy_oracles import ArrayOracle
-from robustness.audit import AuditBudgetExceeded, audit
-from robustness.certify import DEFAULT_PFE_C, Certify, bounds_unavailable, certified_mask, margins
-from robustness.package import SessionOptions, load_package
-from robustness.report import comparison_table, write_report
-from robustness.report.plots import certified_vs_empirical
-from robustness.suites import PRESETS, AttackSpec, CheckConfig, Suite, SuiteError, known
-from robustness.testing import digits_package, load_digits_nchw
+from dcs.robustness import checks as C
+from dcs.robustness.attacks import REGISTRY, BudgetExceeded, Stopped
+from dcs.robustness.attacks.toy_oracles import ArrayOracle
+from dcs.robustness.audit import AuditBudgetExceeded, audit
+from dcs.robustness.certify import DEFAULT_PFE_C, Certify, bounds_unavailable, certified_mask, margins
+from dcs.robustness.package import SessionOptions, load_package
+from dcs.robustness.report import comparison_table, write_report
+from dcs.robustness.report.plots import certified_vs_empirical
+from dcs.robustness.suites import PRESETS, AttackSpec, CheckConfig, Suite, SuiteError, known
+from dcs.robustness.testing import digits_package, load_digits_nchw
 
 CPU = SessionOptions(device="cpu", intra_op_threads=1)
 N = 60
@@ -70,7 +70,7 @@ def pfe(tmp_path_factory):
     """A real exported polarizing-front-end package (random weights) and inputs labelled by it."""
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
-    from training.export.fixtures import export_untrained
+    from dcs.training.export.fixtures import export_untrained
 
     repo = tmp_path_factory.mktemp("pfe-repo")
     res = export_untrained(repo, "pfe", arch="pfe_cnn", defense="pfe", input_shape=(1, 16, 16),
@@ -175,7 +175,7 @@ def test_budget_and_cancel_cover_certify(mlp, digits):
     c = Certify(eps=0.01, batch_size=16)
     with pytest.raises(Stopped):
         c.run(mlp, x, y, should_stop=lambda: True)
-    from robustness.attacks import Budget
+    from dcs.robustness.attacks import Budget
 
     with pytest.raises(BudgetExceeded):
         c.run(mlp, x, y, budget=Budget(max_queries=20))
@@ -201,7 +201,7 @@ def test_package_without_bounds_is_skipped_with_a_reason(no_bounds, digits, tmp_
     assert "certify skipped" in html.read_text()
     assert "| certified |" not in comparison_table([rep.to_dict()])
     # an oracle with no bounds method at all (a plain score oracle) is skipped too
-    from robustness.testing import fit_mlp
+    from dcs.robustness.testing import fit_mlp
 
     w = fit_mlp(x, y, 10, steps=20)
     cert = audited(ArrayOracle(w, 10, (1, 8, 8)), x, y, suite(AttackSpec("certify"))).to_dict()["certified"]
@@ -210,7 +210,7 @@ def test_package_without_bounds_is_skipped_with_a_reason(no_bounds, digits, tmp_
 
 # -- polarizing front end -------------------------------------------------------------------------
 def test_pfe_unstable_fraction_and_certified_at_eps0(pfe):
-    from training.models import DEFAULT_C
+    from dcs.training.models import DEFAULT_C
 
     _, pkg, x, y = pfe
     assert pkg.manifest["defense"]["kind"] == "pfe" and DEFAULT_PFE_C == DEFAULT_C
@@ -235,8 +235,8 @@ def test_pfe_unstable_fraction_and_certified_at_eps0(pfe):
 def test_certify_through_the_server_streams_progress_and_reports(pfe, tmp_path):
     import grpc
 
-    from proto import classifier_pb2 as cpb
-    from proto import classifier_pb2_grpc as cpb_grpc
+    from dcs.proto import classifier_pb2 as cpb
+    from dcs.proto import classifier_pb2_grpc as cpb_grpc
     from tests.server_helpers import start_server_process
 
     repo, _, x, y = pfe

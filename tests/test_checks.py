@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from robustness import checks as C
-from robustness.attacks.toy_oracles import (
+from dcs.robustness import checks as C
+from dcs.robustness.attacks.toy_oracles import (
     ArrayOracle,
     FoldedInput,
     QuantizedInput,
@@ -12,9 +12,9 @@ from robustness.attacks.toy_oracles import (
     StochasticGradient,
     fold,
 )
-from robustness.audit import audit
-from robustness.suites import get_suite
-from robustness.testing import fit_mlp, load_digits_nchw
+from dcs.robustness.audit import audit
+from dcs.robustness.suites import get_suite
+from dcs.robustness.testing import fit_mlp, load_digits_nchw
 
 N = 200
 
@@ -121,8 +121,8 @@ def test_checks_skip_without_data():
 
 
 def test_score_only_oracle_gets_skips_not_errors(digits):
-    from robustness.oracle import ScoreOnlyView
-    from robustness.suites import AttackSpec, Suite
+    from dcs.robustness.oracle import ScoreOnlyView
+    from dcs.robustness.suites import AttackSpec, Suite
 
     _, _, x, y, w = digits
     suite = Suite(name="bb", eps=(0.1, 0.2), attacks=(AttackSpec("square", {"n_queries": 50}),

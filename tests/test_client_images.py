@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import cli
-from clients.errors import (
+from dcs.clients import cli
+from dcs.clients.errors import (
     ClientError,
     InvalidArgument,
     NotFound,
@@ -22,7 +22,7 @@ from clients.errors import (
     Unavailable,
     from_rpc_error,
 )
-from clients.images import (
+from dcs.clients.images import (
     ImageError,
     Source,
     expand_inputs,
@@ -53,7 +53,7 @@ def test_png_gray_matches_model_exactly(tmp_path):
 def test_rgb_png_to_gray_and_resize_is_noted(tmp_path, caplog):
     arr = np.zeros((32, 32, 3), dtype=np.uint8)
     arr[..., 0] = 255  # pure red -> luma 0.299
-    with caplog.at_level(logging.INFO, logger="clients.images"):
+    with caplog.at_level(logging.INFO, logger="dcs.clients.images"):
         batch = load_for_model([_png(tmp_path / "red.png", arr)], GRAY)
     assert batch.x.shape == (1, 1, 8, 8)
     np.testing.assert_allclose(batch.x, 0.299, atol=1e-3)
@@ -268,8 +268,9 @@ def test_cli_audit_checks_out_dir_before_calling(tmp_path, capsys):
 
 def test_client_imports_without_torch():
     code = ("import sys\n"
-            "import clients, clients.client, clients.cli, clients.images, clients.errors\n"
-            "assert clients.cli.main(['--help']) == 0\n")
+            "import dcs.clients, dcs.clients.client, dcs.clients.cli, dcs.clients.images\n"
+            "import dcs.clients.errors\n"
+            "assert dcs.clients.cli.main(['--help']) == 0\n")
     res = run_without_torch(code, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "torch" not in res.stderr

@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.client import Client, TLSConfig
-from clients.errors import (
+from dcs.clients.client import Client, TLSConfig
+from dcs.clients.errors import (
     ClientError,
     FailedPrecondition,
     InvalidArgument,
@@ -25,7 +25,7 @@ from clients.errors import (
     Unauthenticated,
     Unavailable,
 )
-from clients.results import AuditState, Prediction
+from dcs.clients.results import AuditState, Prediction
 from tests.conftest import write_token_file
 from tests.server_helpers import HOST, free_port, sample_value, scrape_metrics, start_server_process
 
@@ -172,10 +172,10 @@ def test_audit_end_to_end(client, digits_test):
     assert job in [j.job_id for j in client.audits(state="succeeded")]
 
     # The numbers equal an offline audit of the same package, suite and seed.
-    from robustness.audit import audit
-    from robustness.package import SessionOptions, load_package
-    from robustness.report.schema import strip_nondeterministic
-    from robustness.suites import Suite
+    from dcs.robustness.audit import audit
+    from dcs.robustness.package import SessionOptions, load_package
+    from dcs.robustness.report.schema import strip_nondeterministic
+    from dcs.robustness.suites import Suite
 
     request = status.request
     suite = Suite.from_dict(request["suite"], default_name=request["suite"]["name"])
@@ -224,7 +224,7 @@ def test_retries_until_the_server_comes_up(digits_repo, caplog):
 
     thread = threading.Thread(target=start_later)
     try:
-        with caplog.at_level(logging.INFO, logger="clients.client"), \
+        with caplog.at_level(logging.INFO, logger="dcs.clients.client"), \
                 Client(target, retries=60, backoff_s=0.1, max_backoff_s=0.5, timeout_s=5) as c:
             thread.start()
             c.models()  # first attempt fails: nothing listens yet; retried until it answers
@@ -238,7 +238,7 @@ def test_retries_until_the_server_comes_up(digits_repo, caplog):
 
 
 def test_start_audit_is_not_retried(caplog):
-    with caplog.at_level(logging.INFO, logger="clients.client"), \
+    with caplog.at_level(logging.INFO, logger="dcs.clients.client"), \
             Client(f"{HOST}:{free_port()}", token=TOKEN, retries=5, timeout_s=2) as c, \
             pytest.raises(Unavailable):
         c.start_audit(MODEL, attacks=["fgsm"], examples=np.zeros((1, 1, 8, 8), np.float32),

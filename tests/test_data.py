@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import DataError, Dataset, load_dataset
-from training.data.idx import read_idx
-from training.data.registry import FMNIST_FILES
+from dcs.data import DataError, Dataset, load_dataset
+from dcs.data.idx import read_idx
+from dcs.data.registry import FMNIST_FILES
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -75,7 +75,7 @@ def test_idx_reader_rank_and_raw_files(tmp_path):
 
 
 def test_digits_matches_robustness_split():
-    from robustness.testing import load_digits_nchw
+    from dcs.robustness.testing import load_digits_nchw
 
     ds = load_dataset("digits")
     xtr, _, _, yte = load_digits_nchw()
@@ -189,7 +189,7 @@ def test_data_package_is_torch_free():
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name.split('.')[0] == 'torch': raise ImportError('torch blocked')\n"
             "sys.meta_path.insert(0, Block())\n"
-            "from training.data import load_dataset\n"
+            "from dcs.data import load_dataset\n"
             "print(load_dataset('digits', limit_train=5).input_shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "(1, 8, 8)"

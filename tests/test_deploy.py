@@ -5,8 +5,8 @@ standalone ``kustomize``); where neither is installed (or with DCS_KUSTOMIZE=sub
 subset renderer in tests/test_deploy_kustomize.py, which is itself checked against the real one. Every rendered
 resource is validated with ``kubernetes_validate`` (strict: unknown fields fail) against
 Kubernetes ``K8S_VERSION``; the Prometheus-operator ServiceMonitor is a CRD, so its structure is
-checked by hand instead. The server's flags come from ``python -m server --help`` (the CLI as it
-parses), its defaults from ``server.config.OPTIONS``.
+checked by hand instead. The server's flags come from ``python -m dcs.server --help`` (the CLI as it
+parses), its defaults from ``dcs.server.config.OPTIONS``.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def _server_container(docs: list[dict]) -> dict:
 @pytest.fixture(scope="module")
 def server_flags() -> set[str]:
     """Long flags the server CLI accepts, from its real --help."""
-    out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "dcs.server", "--help"], cwd=ROOT, capture_output=True,
                          check=False, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", out.stdout)) - {"--help"}
@@ -124,7 +124,7 @@ def server_flags() -> set[str]:
 
 @pytest.fixture(scope="module")
 def defaults() -> dict[str, object]:
-    from server.config import OPTIONS
+    from dcs.server.config import OPTIONS
 
     return {o.name: o.default for o in OPTIONS}
 
@@ -242,7 +242,7 @@ def test_service_ports_match_server_defaults(rendered, target, defaults, tmp_pat
 def _effective_config(docs: list[dict], tmp_path: Path):
     """Load the server config the pod would run with: image ENTRYPOINT + container args, the
     rendered ConfigMap as the --config file, the container's plain env, through the real parser."""
-    from server.config import load_config
+    from dcs.server.config import load_config
 
     container = _server_container(docs)
     spec = _one(docs, "Deployment", "dcs-server")["spec"]["template"]["spec"]
@@ -287,7 +287,7 @@ def test_termination_grace_exceeds_drain(rendered, target, defaults, tmp_path):
 # ----------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("target", SERVING)
 def test_container_flags_and_env_exist_in_server_cli(rendered, target, server_flags):
-    from server.config import ENV_PREFIX, OPTIONS
+    from dcs.server.config import ENV_PREFIX, OPTIONS
 
     container = _server_container(rendered[target])
     assert "command" not in container, "keep the image ENTRYPOINT (dcs-server --repo --state-dir)"
@@ -309,7 +309,7 @@ def test_dockerfile_entrypoint_flags_exist(name, server_flags):
 
 
 def test_server_config_file_is_valid(tmp_path):
-    from server.config import read_config_file
+    from dcs.server.config import read_config_file
 
     values = read_config_file(K8S / "base" / "server.yaml")  # raises on unknown keys
     assert values["port"] == 8001 and values["metrics_port"] == 8002 and values["audit_port"] == 8003
@@ -320,7 +320,7 @@ def dcs_flags() -> dict[str, set[str] | None]:
     """Flags per `dcs` subcommand from the real CLI's --help; None if the subcommand is missing."""
     out: dict[str, set[str] | None] = {}
     for sub in ("train", "export", "evaluate", "merge"):
-        res = subprocess.run([sys.executable, "-m", "training.cli", sub, "--help"], cwd=ROOT,
+        res = subprocess.run([sys.executable, "-m", "dcs.training.cli", sub, "--help"], cwd=ROOT,
                              check=False, capture_output=True, text=True, timeout=60)
         out[sub] = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", res.stdout)) \
             if res.returncode == 0 else None

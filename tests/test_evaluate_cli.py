@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from robustness.testing import digits_package
-from training.cli import main
+from dcs.robustness.testing import digits_package
+from dcs.training.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_evaluate_one_package_into_package(packages, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "[PASS]" in text and "wrote" in text
     # the package still verifies with the report beside the manifest
-    from robustness.package import load_package
+    from dcs.robustness.package import load_package
 
     load_package(a)
 

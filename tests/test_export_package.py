@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from robustness.manifest import PackageError
-from robustness.package import SessionOptions, load_package
+from dcs.robustness.manifest import PackageError
+from dcs.robustness.package import SessionOptions, load_package
 from tests.torchless import run_without_torch
-from training.export import package_writer
-from training.export.package_writer import ExportError, PackageSpec, write_package
-from training.export.standins import StandinLISA, StandinPFE
-from training.export.twin import bpda, reference_loss_grad
-from training.export.verify import grad_agreement
+from dcs.training.export import package_writer
+from dcs.training.export.package_writer import ExportError, PackageSpec, write_package
+from dcs.training.export.standins import StandinLISA, StandinPFE
+from dcs.training.export.twin import bpda, reference_loss_grad
+from dcs.training.export.verify import grad_agreement
 
 CPU = SessionOptions(device="cpu", intra_op_threads=1)
 
@@ -84,7 +84,7 @@ def test_exported_package_loads_with_torch_blocked(exported):
     code = (
         "import sys\n"
         "import numpy as np\n"
-        "from robustness.package import load_package\n"
+        "from dcs.robustness.package import load_package\n"
         f"p = load_package({str(path)!r})\n"
         "l, g = p.loss_grad(np.zeros((2, 3, 16, 16), np.float32), np.zeros(2, np.int64))\n"
         "assert g.shape == (2, 3, 16, 16) and l.shape == (2, 5)\n"
@@ -134,8 +134,8 @@ def test_force_replaces_a_version(exported, tmp_path):
 
 
 def test_cli_export_then_verify(tmp_path, capsys):
-    from training.cli import main
-    from training.export.fixtures import write_untrained_run
+    from dcs.training.cli import main
+    from dcs.training.export.fixtures import write_untrained_run
 
     run_dir = write_untrained_run(tmp_path / "run", "pfe_cnn", "pfe", (1, 16, 16), 10, seed=2)
     other = write_untrained_run(tmp_path / "other", "pfe_cnn", "pfe", (1, 16, 16), 10, seed=9)
@@ -175,7 +175,7 @@ def test_standin_bounds_are_sound(exported, kind):
 def test_unsupported_op_has_no_bounds_graph(tmp_path):
     from torch import nn
 
-    from training.export.bounds import IntervalModel, UnsupportedBounds
+    from dcs.training.export.bounds import IntervalModel, UnsupportedBounds
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3), nn.Tanh()).eval()
     with pytest.raises(UnsupportedBounds, match="Tanh"):

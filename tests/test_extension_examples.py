@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robustness.attacks import REGISTRY, AttackError, register
-from robustness.audit import audit
-from robustness.package import load_package
-from robustness.suites import AttackSpec, CheckConfig, Suite
-from robustness.testing import load_digits_nchw
+from dcs.robustness.attacks import REGISTRY, AttackError, register
+from dcs.robustness.audit import audit
+from dcs.robustness.package import load_package
+from dcs.robustness.suites import AttackSpec, CheckConfig, Suite
+from dcs.robustness.testing import load_digits_nchw
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 
@@ -74,8 +74,8 @@ def test_register_refuses_a_taken_name(mifgsm):
 
 def test_documented_defense_touch_points_exist():
     """The `tv` walk-through names real code: config kind, flag, penalty, trainer, twin tests."""
-    from training.config import DEFENSES, DefenseSpec
-    from training.defenses import tv_penalty
+    from dcs.training.config import DEFENSES, DefenseSpec
+    from dcs.training.defenses import tv_penalty
 
     section = _section("Adding a defense")
     assert "tv" in DEFENSES and DefenseSpec(kind="tv").tv_alpha == 1e-4

@@ -1,4 +1,4 @@
-"""``server.interceptor.ErrorInterceptor`` on its own: status mapping and the per-RPC metrics."""
+"""``dcs.server.interceptor.ErrorInterceptor`` on its own: status mapping and the per-RPC metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -7,9 +7,9 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.errors import ModelNotFound
-from server.interceptor import ErrorInterceptor
-from server.metrics import ServerMetrics
+from dcs.server.errors import ModelNotFound
+from dcs.server.interceptor import ErrorInterceptor
+from dcs.server.metrics import ServerMetrics
 
 
 class Aborted(Exception):

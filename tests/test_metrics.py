@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robustness.metrics import (
+from dcs.robustness.metrics import (
     accuracy,
     attack_metrics,
     attack_success_rate,

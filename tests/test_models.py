@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.config import DEFENSES, DefenseSpec
-from training.models import (
+from dcs.training.config import DEFENSES, DefenseSpec
+from dcs.training.models import (
     L1NormalizedConv2d,
     Saturation,
     build_model,
@@ -108,7 +108,7 @@ def test_bad_arguments():
 
 
 def test_pgd_stays_in_eps_ball():
-    from training.adversarial import pgd_linf
+    from dcs.training.adversarial import pgd_linf
 
     torch.manual_seed(0)
     m = build_model("pfe_cnn", DefenseSpec(kind="pfe"), (1, 8, 8), 3)

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from robustness.manifest import PackageError, seal
-from robustness.package import load_package
-from robustness.testing import digits_package, load_digits_nchw
+from dcs.robustness.manifest import PackageError, seal
+from dcs.robustness.package import load_package
+from dcs.robustness.testing import digits_package, load_digits_nchw
 from tests.torchless import run_without_torch
 
 
@@ -72,7 +72,7 @@ def test_loader_works_with_torch_blocked(pkg_dir):
     code = (
         "import sys\n"
         "import numpy as np\n"
-        "from robustness.package import load_package\n"
+        "from dcs.robustness.package import load_package\n"
         f"p = load_package({str(pkg_dir)!r})\n"
         "l, g = p.loss_grad(np.zeros((3, 1, 8, 8), np.float32), np.zeros(3, np.int64))\n"
         "assert g.shape == (3, 1, 8, 8)\n"

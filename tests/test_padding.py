@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robustness.package import SessionOptions, load_package
-from robustness.padding import BatchPadder, pad_rows
-from robustness.testing import digits_package
+from dcs.robustness.package import SessionOptions, load_package
+from dcs.robustness.padding import BatchPadder, pad_rows
+from dcs.robustness.testing import digits_package
 
 
 def test_padder_pads_to_the_high_water_mark_and_skips_big_calls():

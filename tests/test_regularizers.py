@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.defenses import (
+from dcs.training.defenses import (
     blur_kernel,
     linf_depthwise_penalty,
     pfe_b1,

@@ -8,10 +8,10 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from robustness.attacks.toy_oracles import ArrayOracle
-from robustness.audit import audit
-from robustness.report import comparison_table, load_report, write_report
-from robustness.testing import fit_mlp, load_digits_nchw
+from dcs.robustness.attacks.toy_oracles import ArrayOracle
+from dcs.robustness.audit import audit
+from dcs.robustness.report import comparison_table, load_report, write_report
+from dcs.robustness.testing import fit_mlp, load_digits_nchw
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -90,7 +90,7 @@ def test_html_without_probe_has_core_plots(model, tmp_path):
 
 
 def test_package_report_names_the_artifact(digits_repo, tmp_path):
-    from robustness.package import load_package
+    from dcs.robustness.package import load_package
 
     pkg = load_package(digits_repo / "digits-mlp" / "1")
     _, _, xte, yte = load_digits_nchw()

@@ -1,4 +1,4 @@
-"""``training.reproduce``: the train → export → evaluate pipeline behind ``dcs reproduce``.
+"""``dcs.training.reproduce``: the train → export → evaluate pipeline behind ``dcs reproduce``.
 
 The fast test runs the ``tiny`` preset (8x8 digits, 1 epoch, 12 examples) for a polarizing row
 (both gradient twins) and the BlurNet baseline (Tables B and C), then runs it again and checks
@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from training.reproduce import ReproduceError, load_preset, reproduce, select_rows
+from dcs.training.reproduce import ReproduceError, load_preset, reproduce, select_rows
 
 
 def test_presets_are_data_and_rows_select():

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
-from proto import grpc_predict_v2_pb2 as ipb
-from proto import grpc_predict_v2_pb2_grpc as ipb_grpc
-from robustness.package import SessionOptions, load_package
-from robustness.testing import digits_package
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import grpc_predict_v2_pb2 as ipb
+from dcs.proto import grpc_predict_v2_pb2_grpc as ipb_grpc
+from dcs.robustness.package import SessionOptions, load_package
+from dcs.robustness.testing import digits_package
 from tests.server_helpers import InProcessServer, sample_value, scrape_metrics
 
 MODEL = "digits-mlp"

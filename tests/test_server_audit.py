@@ -12,14 +12,14 @@ import grpc
 import numpy as np
 import pytest
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
-from robustness.audit import audit
-from robustness.package import SessionOptions, load_package
-from robustness.report import strip_nondeterministic
-from robustness.suites import Suite
-from robustness.testing import load_digits_nchw
-from server.jobs import RUNNING, JobStore
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
+from dcs.robustness.audit import audit
+from dcs.robustness.package import SessionOptions, load_package
+from dcs.robustness.report import strip_nondeterministic
+from dcs.robustness.suites import Suite
+from dcs.robustness.testing import load_digits_nchw
+from dcs.server.jobs import RUNNING, JobStore
 from tests.server_helpers import (
     InProcessServer,
     free_port,
@@ -261,7 +261,7 @@ def test_jobs_left_running_by_a_crash_are_marked_interrupted(tmp_path):
 def test_classify_latency_holds_during_an_audit(digits_repo):
     import statistics
 
-    from server.app import tune_interpreter
+    from dcs.server.app import tune_interpreter
 
     tune_interpreter()  # what `serve` does for the real process
     x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)

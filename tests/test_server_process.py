@@ -1,4 +1,4 @@
-"""The server as a real child process (``python -m server``, torch blocked in the child):
+"""The server as a real child process (``python -m dcs.server``, torch blocked in the child):
 tritonclient.grpc against the KServe v2 API, SIGTERM drain, config precedence, torch-free."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
-from robustness.package import SessionOptions, load_package
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
+from dcs.robustness.package import SessionOptions, load_package
 from tests.server_helpers import (
     ROOT,
     sample_value,
@@ -143,7 +143,7 @@ def test_server_never_imports_torch_even_when_started_normally(proc_server):
 
 
 def test_config_precedence_and_errors(tmp_path, digits_repo):
-    from server.config import ConfigError, load_config
+    from dcs.server.config import ConfigError, load_config
 
     cfg_file = tmp_path / "server.yaml"
     cfg_file.write_text(f"repo: {digits_repo}\nmax-batch: 8\nport: 9100\nmetrics_port: 9101\n")
@@ -215,7 +215,7 @@ def test_default_event_loop_is_asyncio(proc_server):
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "server", "serve", "--repo", str(tmp_path / "missing")],
+    res = subprocess.run([sys.executable, "-m", "dcs.server", "serve", "--repo", str(tmp_path / "missing")],
                          check=False, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 2
     assert "--repo=" in res.stderr and "existing directory" in res.stderr
@@ -245,7 +245,7 @@ def test_helper_honours_port_flags_and_tls_probe(digits_repo, tmp_path):
 
 
 def test_sighup_reloads_a_new_version(tmp_path):
-    from robustness.testing import digits_package
+    from dcs.robustness.testing import digits_package
 
     repo = tmp_path / "repo"
     digits_package(repo, MODEL, 1)

@@ -8,13 +8,13 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from robustness.audit import audit
-from robustness.package import load_package
-from robustness.report import strip_nondeterministic
-from robustness.shard import ShardError, parse_shard, shard_range
-from robustness.suites import Suite
-from robustness.testing import digits_package, load_digits_nchw
-from training.cli import main
+from dcs.robustness.audit import audit
+from dcs.robustness.package import load_package
+from dcs.robustness.report import strip_nondeterministic
+from dcs.robustness.shard import ShardError, parse_shard, shard_range
+from dcs.robustness.suites import Suite
+from dcs.robustness.testing import digits_package, load_digits_nchw
+from dcs.training.cli import main
 
 # Covers every random draw the engine makes per example: random starts (uniform), targets
 # (integers), Square (choice/integers), RP2 transforms (fixed ε), cascade on survivors, and the

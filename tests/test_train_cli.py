@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from training.cli import main
+from dcs.training.cli import main
 
 torch.set_num_threads(1)
 QUICK = ["--dataset", "digits", "--limit-train", "96", "--limit-test", "40", "--threads", "1", "--no-progress"]
@@ -63,7 +63,7 @@ def test_tiny_run_writes_run_dir_and_loads(tmp_path, capsys):
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["regularizer"] > 0 for m in metrics)
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,stage,lambda,lr,loss")
 
-    from training.runs import load_trained
+    from dcs.training.runs import load_trained
 
     run = load_trained(out)
     assert not run.model.training and run.input_shape == (1, 8, 8) and run.dataset == "digits"
@@ -80,7 +80,7 @@ def test_pfe_adversarial_run_manifest_fields(tmp_path):
     argv = ["train", *QUICK, "--defense", "pfe", "--pfe-stages", "1,1,1", "--adv-train", "--adv-steps", "2",
             "--adv-eps-warmup", "1.5", "--out", str(out)]
     assert main(argv) == 0
-    from training.runs import load_trained
+    from dcs.training.runs import load_trained
 
     run = load_trained(out)
     assert run.defense["kind"] == "pfe" and run.defense["pfe_c"] == 0.25 and run.defense["pfe_stages"] == [1, 1, 1]
@@ -93,7 +93,7 @@ def test_pfe_adversarial_run_manifest_fields(tmp_path):
 
 
 def test_config_resolution_defaults_and_round_trip():
-    from training.config import ConfigError, TrainConfig
+    from dcs.training.config import ConfigError, TrainConfig
 
     cfg = TrainConfig.from_dict({"dataset": "mnist5k", "defense": "pfe", "lr": "1e-3", "adv_train": True}).resolved()
     assert cfg.pfe_stages == (20, 20, 20) and cfg.epochs == 60 and cfg.lr_milestones == (50,)  # the paper's schedule
@@ -117,7 +117,7 @@ def test_config_resolution_defaults_and_round_trip():
 
 
 def test_threads_from_env(monkeypatch):
-    from training.seeding import resolve_threads
+    from dcs.training.seeding import resolve_threads
 
     monkeypatch.setenv("DCS_THREADS", "3")
     assert resolve_threads(None) == 3 and resolve_threads(1) == 1
@@ -137,7 +137,7 @@ def test_subprocess_missing_data_dir(tmp_path):
     from pathlib import Path
 
     dcs = Path(sys.executable).with_name("dcs")
-    cmd = [str(dcs)] if dcs.exists() else [sys.executable, "-m", "training.cli"]
+    cmd = [str(dcs)] if dcs.exists() else [sys.executable, "-m", "dcs.training.cli"]
     proc = subprocess.run([*cmd, "train", "--dataset", "fmnist", "--data-dir", str(tmp_path / "missing"),
                            "--out", str(tmp_path / "run")], check=False, capture_output=True, text=True,
                           timeout=120)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.cli import main
+from dcs.training.cli import main
 
 torch.set_num_threads(1)
 TOLERANCE = 0.03
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.skipif(not TORCHRUN.exists() or not torch.distributed.i
 def torchrun(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "training.cli", "train", *argv]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "dcs.training.cli", "train", *argv]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180, env=env,
                           cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,7 +64,7 @@ def ddp_full(tmp_path_factory) -> Path:
 def test_shard_is_distributed_sampler_order():
     from torch.utils.data import DistributedSampler
 
-    from training.distributed import shard
+    from dcs.training.distributed import shard
 
     perm = torch.randperm(13, generator=torch.Generator().manual_seed(0))
     for world in (1, 2, 3, 5):
@@ -86,9 +86,9 @@ def test_indivisible_global_batch_is_one_line_error(tmp_path, capsys, monkeypatc
 
 
 def test_two_ranks_match_single_process_and_export(tmp_path):
-    from robustness.package import SessionOptions, load_package
-    from training.data import load_dataset
-    from training.export.exporter import export_run
+    from dcs.robustness.package import SessionOptions, load_package
+    from dcs.data import load_dataset
+    from dcs.training.export.exporter import export_run
 
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     proc = torchrun(tmp_path, *ONE_EPOCH, "--out", str(ddp))

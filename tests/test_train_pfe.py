@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from training.config import DefenseSpec, TrainConfig
-from training.data import load_dataset
-from training.models import build_model
-from training.runs import load_trained
-from training.trainer import train
+from dcs.training.config import DefenseSpec, TrainConfig
+from dcs.data import load_dataset
+from dcs.training.models import build_model
+from dcs.training.runs import load_trained
+from dcs.training.trainer import train
 
 torch.set_num_threads(1)
 

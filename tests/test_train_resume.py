@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from training.cli import main
+from dcs.training.cli import main
 
 torch.set_num_threads(1)
 ARGS = ["--dataset", "digits", "--limit-train", "160", "--limit-test", "50", "--batch-size", "16",

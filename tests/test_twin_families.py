@@ -7,10 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from robustness.package import SessionOptions, load_package
-from training.export.fixtures import build_untrained, export_untrained
-from training.export.twin import bpda, reference_loss_grad
-from training.export.verify import grad_agreement
+from dcs.robustness.package import SessionOptions, load_package
+from dcs.training.export.fixtures import build_untrained, export_untrained
+from dcs.training.export.twin import bpda, reference_loss_grad
+from dcs.training.export.verify import grad_agreement
 
 # (arch, defense, input shape, classes). lisa_cnn at 30x30 makes its 6x6 stride-2 conv drop a
 # row, so the transposed convolution of the backward needs output_padding=1.

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.models import saturation_modules
+from dcs.training.models import saturation_modules
 
 
 def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, step_size: float,

@@ -25,9 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"training.commands.{name}")
+            module = importlib.import_module(f"dcs.training.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"training.commands.{name}":
+            if exc.name == f"dcs.training.commands.{name}":
                 continue  # command not built yet
             raise
         module.add_parser(sub)
@@ -50,6 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run through the package module so commands and this entry point share one CLIError class.
-    from training.cli import main as _main
+    from dcs.training.cli import main as _main
 
     sys.exit(_main())

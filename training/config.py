@@ -15,6 +15,7 @@ BLUR_TYPES = ("box", "gaussian")
 BLUR_KERNELS = (3, 5, 7)
 DEVICES = ("cpu", "cuda", "auto")
 PFE_RAMPS = ("batch", "epoch", "none")
+CERTIFIED = ("none", "ibp", "crown-ibp")  # dcs.training.certified.METHODS
 
 
 class ConfigError(ValueError):
@@ -127,9 +128,29 @@ class TrainConfig:
     threads: int | None = None
     device: str = "cpu"
     checkpoint_every: int = 200
+    # certified training (dcs.training.certified): method, training ε (None → 0.4 MNIST-like,
+    # 0.15 otherwise), warm-up / ramp epochs (None → 10% / 50% of the certified phase), final κ,
+    # and the PFE stage-2 unstable-activation hinge weight (0 = off)
+    certified: str = "none"
+    cert_eps: float | None = None
+    cert_warmup: float | None = None
+    cert_ramp: float | None = None
+    cert_kappa: float = 0.5
+    cert_pfe_margin: float = 0.0
 
     def validate(self) -> TrainConfig:
         _choice("arch", self.arch, ARCHS)
+        _choice("certified", self.certified, CERTIFIED)
+        if self.cert_eps is not None and not 0 <= self.cert_eps <= 1:
+            raise ConfigError(f"cert_eps must be in [0, 1], got {self.cert_eps}")
+        for name in ("cert_warmup", "cert_ramp"):
+            if getattr(self, name) is not None:
+                _nonneg(name, getattr(self, name))
+        if not 0 <= self.cert_kappa <= 1:
+            raise ConfigError(f"cert_kappa must be in [0, 1], got {self.cert_kappa}")
+        _nonneg("cert_pfe_margin", self.cert_pfe_margin)
+        if self.certified != "none" and (self.adv.enabled or self.defense.kind == "advtrain"):
+            raise ConfigError("certified training and adversarial training cannot be combined")
         _choice("device", self.device, DEVICES)
         self.defense.validate()
         self.adv.validate()
@@ -182,8 +203,11 @@ class TrainConfig:
             eps = adv.eps if adv.eps is not None else (0.3 if mnist_like else 0.1)
             adv = replace(adv, enabled=True, eps=eps,
                           step_size=adv.step_size if adv.step_size is not None else 2.5 * eps / adv.steps)
+        cert_eps = self.cert_eps
+        if cert_eps is None and self.certified != "none":
+            cert_eps = 0.4 if mnist_like else 0.15
         return replace(self, defense=d, adv=adv, epochs=epochs, pfe_stages=stages,
-                       lr_milestones=tuple(milestones)).validate()
+                       lr_milestones=tuple(milestones), cert_eps=cert_eps).validate()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -1,9 +1,9 @@
 """Reproduce the papers' tables: train → export → evaluate every row, cached, into ``results/<preset>/``.
 
-    python -m training.reproduce --preset quick|full|FILE.json [--out results] [--work runs/reproduce]
+    python -m dcs.training.reproduce --preset quick|full|FILE.json [--out results] [--work runs/reproduce]
                                  [--only ROW_OR_PREFIX ...]
 
-Rows, settings and their reductions relative to the papers are data (``training.reproduce_presets``).
+Rows, settings and their reductions relative to the papers are data (``dcs.training.reproduce_presets``).
 Every step is cached under ``--work`` in a folder named by the sha256 of everything it depends on
 (its config plus the keys of the steps it uses), and is done once its final file exists:
 ``train/<row>-<key>/final.pt``, ``repo/<row>-<twin>-<key>/1/manifest.json``,
@@ -16,7 +16,7 @@ Outputs (``results/<preset>/``): ``tables.md`` + ``tables.json`` (Tables A, B, C
 ``packages.json`` (sha256 of every ONNX file attacked), ``reports/*.json`` (full audit reports).
 
 Evaluation uses the ONNX packages through ONNX Runtime (what is served is what is attacked):
-Table A with ``robustness.audit.audit``; Tables B and C with the RP2 and PGD attacks run per
+Table A with ``dcs.robustness.audit.audit``; Tables B and C with the RP2 and PGD attacks run per
 target class (``Attack.run``), transfer examples crafted on the baseline package.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from robustness.manifest import atomic_write_json, atomic_write_text
+from dcs.robustness.manifest import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def config_hash(obj: Any) -> str:
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
-    from training.reproduce_presets import PRESETS, get_preset
+    from dcs.training.reproduce_presets import PRESETS, get_preset
 
     if name_or_path in PRESETS:
         return get_preset(name_or_path)
@@ -103,7 +103,7 @@ class Steps:
 
 # ----------------------------------------------------------------------------------------------- train
 def resolved_train_config(row: dict, seed: int, threads: int):
-    from training.config import TrainConfig
+    from dcs.training.config import TrainConfig
 
     values = {"seed": seed, **row["train"]}
     cfg = TrainConfig.from_dict(values).resolved()
@@ -114,8 +114,8 @@ def resolved_train_config(row: dict, seed: int, threads: int):
 
 def train_step(row: dict, preset: dict, work: Path, steps: Steps, data_cache: dict) -> tuple[Path, str]:
     """Train (or reuse) the row's run; for a PFE row also snapshot z after every stage."""
-    from training import runs
-    from training.trainer import train
+    from dcs.training import runs
+    from dcs.training.trainer import train
 
     cfg = resolved_train_config(row, preset["seed"], preset["threads"])
     cdict = cfg.to_dict()
@@ -143,7 +143,7 @@ def train_step(row: dict, preset: dict, work: Path, steps: Steps, data_cache: di
 def _resume(out: Path) -> bool:
     """Resume from the checkpoint if there is one; a run killed before its first checkpoint left
     only config.json/metrics, which are removed so the run starts afresh."""
-    from training import runs
+    from dcs.training import runs
 
     if (out / runs.CHECKPOINT_FILE).is_file():
         return True
@@ -153,7 +153,7 @@ def _resume(out: Path) -> bool:
 
 
 def _data(name: str, limit_train, limit_test, cache: dict):
-    from training.data import load_dataset
+    from dcs.data import load_dataset
 
     k = (name, limit_train, limit_test)
     if k not in cache:
@@ -176,10 +176,10 @@ def _train_pfe_with_snapshots(cfg, data, out: Path) -> None:
     saving the front-end activations z on test images at init and after every stage (stages.npz)."""
     import torch
 
-    from training import runs
-    from training.models import build_model, configure_pfe_stage
-    from training.seeding import seed_everything
-    from training.trainer import train
+    from dcs.training import runs
+    from dcs.training.models import build_model, configure_pfe_stage
+    from dcs.training.seeding import seed_everything
+    from dcs.training.trainer import train
 
     n_batches = (len(data.x_train) + cfg.batch_size - 1) // cfg.batch_size
     bounds, acc = [], 0
@@ -222,8 +222,8 @@ def _train_pfe_with_snapshots(cfg, data, out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- export
 def export_step(row: dict, run_dir: Path, train_key: str, twin: str, work: Path, steps: Steps) -> tuple[Path, str]:
-    from robustness.manifest import MANIFEST_FILE
-    from training.export.exporter import export_run
+    from dcs.robustness.manifest import MANIFEST_FILE
+    from dcs.training.export.exporter import export_run
 
     key = config_hash({"train": train_key, "twin": twin, "code": CODE_VERSION})
     name = f"{row['id']}-{twin}-{key}"
@@ -238,14 +238,14 @@ def export_step(row: dict, run_dir: Path, train_key: str, twin: str, work: Path,
 
 
 def _open(path: Path, threads: int):
-    from robustness.package import SessionOptions, load_package
+    from dcs.robustness.package import SessionOptions, load_package
 
     return load_package(path, SessionOptions(device="cpu", intra_op_threads=threads))
 
 
 # ------------------------------------------------------------------------------------------- table A
 def table_a_suite(settings: dict, dataset: str, batch_size: int):
-    from robustness.suites import AttackSpec, CheckConfig, Suite
+    from dcs.robustness.suites import AttackSpec, CheckConfig, Suite
 
     eps = tuple(float(e) for e in settings["eps"][dataset])
     head = float(settings["headline"][dataset])
@@ -299,8 +299,8 @@ def summarize_a(report) -> dict:
 
 def eval_a_step(row: dict, twin: str, pkg_path: Path, export_key: str, preset: dict, work: Path,
                 steps: Steps, data_cache: dict) -> dict:
-    from robustness.audit import audit
-    from robustness.report import write_report
+    from dcs.robustness.audit import audit
+    from dcs.robustness.report import write_report
 
     ds = row["dataset"]
     settings = preset["table_a"]
@@ -328,7 +328,7 @@ def eval_a_step(row: dict, twin: str, pkg_path: Path, export_key: str, preset: d
 # ----------------------------------------------------------------------------------------- tables B, C
 def _targeted(attack, oracle, x, y, targets, seed: int, job: int):
     """Run ``attack`` once per target class t on the examples with y != t; per t: (idx, x_adv, pred)."""
-    from robustness.attacks.base import ExampleRNG
+    from dcs.robustness.attacks.base import ExampleRNG
 
     out = {}
     for t in targets:
@@ -344,7 +344,7 @@ def targeted_asr(y: np.ndarray, clean_pred: np.ndarray, per_target: dict, x: np.
     """BlurNet's numbers over target classes: ASR_t = among examples correctly classified with
     y != t, the fraction now classified as t; average and worst (max) over t; mean L2 dissimilarity
     ‖x−x_adv‖₂/‖x_adv‖₂ over the successful examples (None when none succeeded)."""
-    from robustness.metrics import l2_dissimilarity
+    from dcs.robustness.metrics import l2_dissimilarity
 
     asr, l2s = {}, []
     for t, (idx, x_adv, pred) in per_target.items():
@@ -361,7 +361,7 @@ def targeted_asr(y: np.ndarray, clean_pred: np.ndarray, per_target: dict, x: np.
 
 
 def _attacks_b(settings: dict, batch: int):
-    from robustness.attacks import build
+    from dcs.robustness.attacks import build
 
     rp2 = build("rp2", eps=1.0, batch_size=batch, targeted=True, **settings["rp2"])
     pgd = build("pgd", eps=float(settings["eps_pgd"]), batch_size=batch, targeted=True, **settings["pgd"])
@@ -434,7 +434,7 @@ class ReproduceResult:
 def reproduce(preset: dict, out_root: str | Path = "results", work: str | Path = "runs/reproduce",
               only: Sequence[str] | None = None) -> ReproduceResult:
     """Run every (selected) row of ``preset``; write ``<out_root>/<preset name>/``."""
-    from training.seeding import set_threads
+    from dcs.training.seeding import set_threads
 
     rows = select_rows(preset, only)
     out = Path(out_root) / preset["name"]
@@ -477,7 +477,7 @@ def reproduce(preset: dict, out_root: str | Path = "results", work: str | Path =
             results["B"][row["id"]] = s
     atomic_write_json(out / "configs" / "table_b.json", preset["table_b"])
     atomic_write_json(out / "packages.json", results["packages"])
-    from training.reproduce_report import write_figures, write_tables
+    from dcs.training.reproduce_report import write_figures, write_tables
 
     md = write_tables(preset, rows, results, out)
     write_figures(preset, rows, results, out)
@@ -520,7 +520,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.cli import CLIError
+    from dcs.training.cli import CLIError
 
     try:
         preset = load_preset(args.preset)
@@ -535,9 +535,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.cli import CLIError
+    from dcs.training.cli import CLIError
 
-    p = argparse.ArgumentParser(prog="python -m training.reproduce", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dcs.training.reproduce", description=__doc__.splitlines()[0])
     add_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)

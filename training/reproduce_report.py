@@ -1,4 +1,4 @@
-"""Tables (Markdown + JSON) and figures for ``training.reproduce`` (results/<preset>/)."""
+"""Tables (Markdown + JSON) and figures for ``dcs.training.reproduce`` (results/<preset>/)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from robustness.manifest import atomic_write_json, atomic_write_text
+from dcs.robustness.manifest import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _save(fig, path: Path) -> None:
 
 
 def write_figures(preset: dict, rows: list[dict], results: dict, out: Path) -> list[Path]:
-    from robustness.report import plots
+    from dcs.robustness.report import plots
 
     plt = _plt()
     figs = out / "figures"
@@ -288,7 +288,7 @@ def write_figures(preset: dict, rows: list[dict], results: dict, out: Path) -> l
 
 
 def _weights(path: Path) -> Any:
-    from robustness.package import SessionOptions, load_package
+    from dcs.robustness.package import SessionOptions, load_package
 
     pkg = load_package(path, SessionOptions(device="cpu", intra_op_threads=1, load_grad=False, load_bounds=False))
     if not pkg.has_probe:

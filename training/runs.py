@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robustness.manifest import atomic_write_json, atomic_write_text  # noqa: F401 - used as runs.*
+from dcs.robustness.manifest import atomic_write_json, atomic_write_text  # noqa: F401 - used as runs.*
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -69,8 +69,8 @@ def load_trained(run_dir: str | Path) -> TrainedRun:
     """Rebuild the model of a finished run from ``final.pt``; raises RunError."""
     import torch
 
-    from training.config import TrainConfig
-    from training.models import build_model, configure_pfe_stage
+    from dcs.training.config import TrainConfig
+    from dcs.training.models import build_model, configure_pfe_stage
 
     run_dir = Path(run_dir)
     final = run_dir / FINAL_FILE

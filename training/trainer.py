@@ -9,7 +9,7 @@ uses its own ``torch.Generator`` seeded from (seed, epoch); PGD random starts us
 whose state is checkpointed. Interrupted runs resume from the last checkpoint (every
 ``checkpoint_every`` batches and at each epoch end).
 
-Distributed (``dist`` given, see ``training.distributed``): ``batch_size`` is the global batch, each
+Distributed (``dist`` given, see ``dcs.training.distributed``): ``batch_size`` is the global batch, each
 rank trains ``batch_size / world_size`` examples of its shard of the epoch's permutation through
 DistributedDataParallel (gradients averaged over ranks); PGD attacks the local batch through the
 plain module. Epoch metrics are all-reduced; accuracy is counted on contiguous shards and summed.
@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from training import runs
-from training.adversarial import pgd_linf
-from training.config import ConfigError, TrainConfig
-from training.data import Dataset
-from training.defenses import linf_depthwise_penalty, pfe_b1, pfe_b2, pfe_lambda, tv_penalty
-from training.distributed import DistContext, DistributedError, check_global_batch, shard
-from training.models import DefendedNet, build_model, configure_pfe_stage
-from training.seeding import rng_state, seed_everything, set_rng_state, set_threads
+from dcs.training import certified, runs
+from dcs.training.adversarial import pgd_linf
+from dcs.training.config import ConfigError, TrainConfig
+from dcs.data import Dataset
+from dcs.training.defenses import linf_depthwise_penalty, pfe_b1, pfe_b2, pfe_lambda, tv_penalty
+from dcs.training.distributed import DistContext, DistributedError, check_global_batch, shard
+from dcs.training.models import DefendedNet, build_model, configure_pfe_stage
+from dcs.training.seeding import rng_state, seed_everything, set_rng_state, set_threads
 
 log = logging.getLogger(__name__)
 METRIC_FIELDS = ("epoch", "stage", "lambda", "lr", "loss", "ce", "regularizer", "train_acc", "val_acc", "seconds")
@@ -250,6 +250,7 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: str | Path, *, resume: bool 
     model.train()
     forward = model.probe
     trainable: tuple[bool, ...] | None = None
+    cert = certified.CertifiedLoss(model, cfg.certified) if cfg.certified != "none" else None
     try:
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
@@ -278,6 +279,9 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: str | Path, *, resume: bool 
                 ce = F.cross_entropy(probe["logits"], yb)
                 reg = regularizer(model, cfg, probe, stage, lam)
                 loss = ce + reg
+                if cert is not None:  # certified training: κ·CE + (1−κ)·CE(−margin bounds)
+                    robust, reg_extra = certified.batch_terms(cert, model, cfg, xb, yb, probe, epoch + b / n_batches)
+                    loss, reg = robust(ce) + reg + reg_extra, reg + reg_extra
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from robustness.attacks.apgd import APGDCE, APGDDLR
-from robustness.attacks.base import (
+from dcs.robustness.attacks.apgd import APGDCE, APGDDLR
+from dcs.robustness.attacks.base import (
     Attack,
     AttackError,
     AttackResult,
@@ -19,12 +19,12 @@ from robustness.attacks.base import (
     Stopped,
     project,
 )
-from robustness.attacks.fgsm import FGSM
-from robustness.attacks.noise import RandomNoise
-from robustness.attacks.pgd import BIM, PGD
-from robustness.attacks.rp2 import RP2, sticker_mask
-from robustness.attacks.square import Square
-from robustness.attacks.transfer import Transfer
+from dcs.robustness.attacks.fgsm import FGSM
+from dcs.robustness.attacks.noise import RandomNoise
+from dcs.robustness.attacks.pgd import BIM, PGD
+from dcs.robustness.attacks.rp2 import RP2, sticker_mask
+from dcs.robustness.attacks.square import Square
+from dcs.robustness.attacks.transfer import Transfer
 
 REGISTRY: dict[str, type[Attack]] = {
     cls.name: cls for cls in (FGSM, BIM, PGD, APGDCE, APGDDLR, Square, RP2, Transfer, RandomNoise)

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from robustness.attacks.base import Attack, AttackError, Capabilities
+from dcs.robustness.attacks.base import Attack, AttackError, Capabilities
 
 
 def dlr_loss(logits: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ without early stopping are identical (bit for bit on an oracle whose per-example
 depend on the batch it came in; ``Attack.early_stop=False`` exists to test exactly this). Random numbers are drawn for the whole batch at every step
 (and then indexed by the still-active examples), so the random stream does not depend on which
 examples stopped. Results are reproducible for a fixed ``rng`` seed and ``batch_size``; with an
-``ExampleRNG`` (one generator per example, what ``robustness.audit`` passes) they do not depend
+``ExampleRNG`` (one generator per example, what ``dcs.robustness.audit`` passes) they do not depend
 on ``batch_size`` or on the other examples in the batch either.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from robustness.oracle import ScoreOnlyView, has_gradients
+from dcs.robustness.oracle import ScoreOnlyView, has_gradients, surrogate_view
 
 
 class AttackError(ValueError):
@@ -153,7 +153,7 @@ def predict_success(logits: np.ndarray, y: np.ndarray, target: np.ndarray | None
 class ExampleRNG:
     """Random draws whose row ``k`` comes from example ``k``'s own generator.
 
-    ``robustness.audit`` builds one per job from ``default_rng([seed, job, example_index])``
+    ``dcs.robustness.audit`` builds one per job from ``default_rng([seed, job, example_index])``
     (global example index), so an example's random numbers do not depend on its batch, its
     position or which other examples run with it: a shard of the test set reproduces the
     unsharded per-example results. Supports the draws attacks make (``uniform``, ``integers``,
@@ -267,7 +267,9 @@ class Attack:
     eps: ℓ∞ radius in [0, 1] pixel units. targeted: use the ``target`` labels passed to ``run``.
     batch_size: examples per oracle call (the engine splits larger inputs).
     early_stop: drop examples once adversarial (default True; False only to test that it
-    changes nothing).
+    changes nothing). surrogate: for an oracle that declares a family of BPDA backward
+    surrogates (``oracle.surrogates``), the member to take gradients through (None: the
+    oracle's default twin); see ``dcs.robustness.adaptive``.
     """
 
     name: ClassVar[str] = "attack"
@@ -277,6 +279,7 @@ class Attack:
     targeted: bool = False
     batch_size: int = 128
     early_stop: bool = True  # test hook: False must give identical results, only slower
+    surrogate: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.eps) <= 1.0:
@@ -343,6 +346,11 @@ class Attack:
             target = None
         if self.capabilities.needs_gradients and not has_gradients(oracle):
             raise AttackError(f"{self.name}: needs loss_grad but the oracle offers logits only")
+        if self.surrogate is not None and self.capabilities.needs_gradients:
+            try:
+                oracle = surrogate_view(oracle, self.surrogate)
+            except ValueError as exc:
+                raise AttackError(f"{self.name}: {exc}") from None
         view = ScoreOnlyView(oracle) if self.capabilities.score_only else oracle
         counted = CountingOracle(view, budget)
         start = time.perf_counter()

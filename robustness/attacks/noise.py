@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from robustness.attacks.base import Attack, AttackError, Capabilities
+from dcs.robustness.attacks.base import Attack, AttackError, Capabilities
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from robustness.attacks.base import Attack, AttackError, Capabilities, cross_entropy
+from dcs.robustness.attacks.base import Attack, AttackError, Capabilities, cross_entropy
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from robustness.attacks.base import Attack, AttackError, Capabilities
+from dcs.robustness.attacks.base import Attack, AttackError, Capabilities
 
 DEFAULT_STICKERS = ((0.15, 0.15, 0.2, 0.7), (0.65, 0.15, 0.2, 0.7))
 

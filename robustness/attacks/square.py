@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from robustness.attacks.base import Attack, AttackError, Capabilities, margin
+from dcs.robustness.attacks.base import Attack, AttackError, Capabilities, margin
 
 
 def p_selection(p_init: float, it: int, n_iters: int) -> float:

@@ -1,7 +1,7 @@
 """Small numpy oracles for tests, benchmarks and the gradient-masking checks' self-tests.
 
 ``ArrayOracle`` wraps any object with numpy ``logits``/``loss_grad`` (e.g.
-``robustness.testing.MLPWeights``). The others are deliberately *gradient-masking* models built on
+``dcs.robustness.testing.MLPWeights``). The others are deliberately *gradient-masking* models built on
 such a network; their ``loss_grad`` returns the true gradient of what they compute (or, for
 ``StochasticGradient``, an unbiased but very noisy one), which is exactly what an attacker without
 BPDA/EOT sees:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from robustness.attacks.base import Attack, AttackError, Capabilities
-from robustness.attacks.pgd import PGD
-from robustness.oracle import has_gradients
+from dcs.robustness.attacks.base import Attack, AttackError, Capabilities
+from dcs.robustness.attacks.pgd import PGD
+from dcs.robustness.oracle import has_gradients
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from robustness.manifest import atomic_write_text
-from robustness.report.markdown import comparison_table
-from robustness.report.schema import SCHEMA_VERSION, Report, strip_nondeterministic
+from dcs.robustness.manifest import atomic_write_text
+from dcs.robustness.report.markdown import comparison_table
+from dcs.robustness.report.schema import SCHEMA_VERSION, Report, strip_nondeterministic
 
 JSON_NAME = "report.json"
 HTML_NAME = "report.html"
@@ -27,8 +27,8 @@ def write_report(report: Report, out_dir: str | Path, *, oracle: Any = None,
     spectra, front-end activation histograms and filter pictures. ``x``: clean inputs, used only
     when the report carries no samples.
     """
-    from robustness.report import html as H
-    from robustness.report import plots
+    from dcs.robustness.report import html as H
+    from dcs.robustness.report import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ def pick_eps(reports: Sequence[dict]) -> float:
 def comparison_table(reports: Sequence[dict], eps: float | None = None) -> str:
     """Markdown: model | clean | FGSM | BIM | PGD | APGD | Square | worst [| certified] (%, at ε).
 
-    The ``certified`` column (certified robust accuracy, a lower bound; ``robustness.certify``)
+    The ``certified`` column (certified robust accuracy, a lower bound; ``dcs.robustness.certify``)
     appears when any report has a ``certified`` section with status "ok"; "—" for the others
     (no certify in the suite, skipped, or not run at this ε).
     """

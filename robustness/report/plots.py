@@ -82,7 +82,7 @@ def certified_vs_empirical(reports, labels: list[str] | None = None, *, title: s
     """"Certified vs empirical robust accuracy vs ε" as PNG bytes (also written to ``path``).
 
     ``reports``: one report or a list (``Report`` objects or report.json dicts, e.g. from
-    ``robustness.report.load_report``), each with a ``certified`` section. Per report: certified
+    ``dcs.robustness.report.load_report``), each with a ``certified`` section. Per report: certified
     accuracy (solid, a provable lower bound), empirical worst-case robust accuracy over the
     attacks (dashed, an upper bound), the shaded interval between them, and, for polarizing
     models, the unstable front-end activation fraction (dotted, right axis). ``labels`` default to

@@ -1,4 +1,4 @@
-"""The ``Report`` object returned by ``robustness.audit.audit`` and its versioned JSON form.
+"""The ``Report`` object returned by ``dcs.robustness.audit.audit`` and its versioned JSON form.
 
 report.json schema (``schema_version`` "1.0"): top-level keys
 ``schema_version, created_at, seed, seeds, package, suite, n_examples, class_names,
@@ -25,7 +25,13 @@ clean_accuracy, headline, results, worst_case, checks, totals, certified``.
   within ε of ±c; else null), ``activations``, ``mean_margin_lower``, ``certified_mask``
   (per-example 0/1), ``queries``, ``wall_s``. Certification never enters ``results``,
   ``worst_case`` or ``headline``.
-* ``shard`` (only in shard reports, ``dcs evaluate --shard i/n``; see ``robustness.shard``):
+* ``adaptive`` (only for models that declare BPDA surrogates, ``dcs.robustness.adaptive``):
+  ``members``, ``adaptive`` (the suite's switch), ``used`` (members the gradient attacks ran
+  through), ``eot``, ``calibration`` (``members``, ``kept``, ``dropped``, ``attack``, ``eps``,
+  ``n``, ``robust_accuracy`` and ``wins`` per member, ``gradients``) and ``note``; then result
+  rows of gradient attacks carry ``surrogates`` (per member: examples attacked, broken,
+  gradients) and ``worst_case`` entries ``broken_by`` (per example "<attack> @ <surrogate>").
+* ``shard`` (only in shard reports, ``dcs evaluate --shard i/n``; see ``dcs.robustness.shard``):
   ``index``, ``count``, ``n_total``, ``dataset``, ``example_indices`` and the per-example
   ``outcomes`` that ``dcs merge`` combines into the unsharded report.
 Everything except ``created_at`` and the ``wall_s`` fields is identical for a fixed seed.
@@ -63,10 +69,12 @@ class Report:
     samples: dict[tuple[str, float], dict[str, np.ndarray]] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
     certified: dict[str, Any] | None = None
-    # Not serialised: per-example outcomes from ``audit`` (what ``robustness.shard`` keeps).
+    # Not serialised: per-example outcomes from ``audit`` (what ``dcs.robustness.shard`` keeps).
     outcomes: dict[str, Any] | None = None
     # Serialised only when set: a shard report's ``shard`` section (``dcs evaluate --shard``).
     shard: dict[str, Any] | None = None
+    # Serialised only when set: the adaptive (BPDA surrogate family) section.
+    adaptive: dict[str, Any] | None = None
 
     def result(self, label: str, eps: float) -> dict[str, Any] | None:
         for r in self.results:
@@ -82,7 +90,8 @@ class Report:
             "clean_accuracy": self.clean_accuracy, "headline": self.headline,
             "results": self.results, "worst_case": self.worst_case, "checks": self.checks,
             "totals": self.totals, "certified": self.certified,
-        } | ({"shard": self.shard} if self.shard is not None else {})
+        } | ({"shard": self.shard} if self.shard is not None else {}) \
+          | ({"adaptive": self.adaptive} if self.adaptive is not None else {})
 
 
 def strip_nondeterministic(d: Any) -> Any:

@@ -84,7 +84,7 @@ def proc_rss_kib(pid: int) -> tuple[int, int]:
 @pytest.fixture(scope="session")
 def base_repo(tmp_path_factory) -> Path:
     """One trained digits package (training it costs seconds on a busy machine: do it once)."""
-    from robustness.testing import digits_package
+    from dcs.robustness.testing import digits_package
 
     repo = tmp_path_factory.mktemp("rel-repo")
     digits_package(repo, name=MODEL, version=1)
@@ -130,7 +130,7 @@ def checked_call(fn, request, stats: Stats | None = None, **kw) -> tuple[str, ob
 
 
 def start_proc(repo: Path, *flags: str, tmp: Path, token: bool = True, **kw):
-    """A real ``python -m server`` child on loopback (torch blocked), audit token from the env."""
+    """A real ``python -m dcs.server`` child on loopback (torch blocked), audit token from the env."""
     env = {"DCS_AUDIT_TOKEN": TOKEN} if token else {}
     env.update(kw.pop("env", {}) or {})
     log_dir = tmp / f"logs-{time.monotonic_ns()}"
@@ -211,7 +211,7 @@ HEAVY = "heavy-mlp"
 def heavy_repo(tmp_path_factory) -> Path:
     """A wide MLP with random weights (no training): ONNX Runtime, not Python, is the
     bottleneck, as with a real CNN. Used by the overload test."""
-    from robustness.testing import MLPWeights, build_mlp_package
+    from dcs.robustness.testing import MLPWeights, build_mlp_package
 
     rng = np.random.default_rng(0)
     d, h, k = 64, 16384, 10

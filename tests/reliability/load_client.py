@@ -21,9 +21,9 @@ async def main(target: str, seconds: float, concurrency: int, seed: int, model_p
     import grpc
     import onnxruntime as ort
 
-    from proto import classifier_pb2 as cpb
-    from proto import classifier_pb2_grpc as cpb_grpc
-    from robustness.testing import load_digits_nchw
+    from dcs.proto import classifier_pb2 as cpb
+    from dcs.proto import classifier_pb2_grpc as cpb_grpc
+    from dcs.robustness.testing import load_digits_nchw
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1

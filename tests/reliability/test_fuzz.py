@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
-from proto import grpc_predict_v2_pb2 as ipb
-from proto import grpc_predict_v2_pb2_grpc as ipb_grpc
-from robustness.attacks import REGISTRY
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import grpc_predict_v2_pb2 as ipb
+from dcs.proto import grpc_predict_v2_pb2_grpc as ipb_grpc
+from dcs.robustness.attacks import REGISTRY
 from tests.reliability.conftest import AUTH, MODEL, assert_no_tracebacks, start_proc
 
 FAST, SLOW = 25, 300

@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 import pytest
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
 from tests.reliability.conftest import HEAVY, assert_no_tracebacks, proc_rss_kib, start_proc
 from tests.server_helpers import ROOT, sample_value, scrape_metrics
 

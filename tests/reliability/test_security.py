@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 import pytest
 
-from proto import classifier_pb2 as cpb
-from proto import classifier_pb2_grpc as cpb_grpc
-from proto import grpc_predict_v2_pb2 as ipb
-from proto import grpc_predict_v2_pb2_grpc as ipb_grpc
+from dcs.proto import classifier_pb2 as cpb
+from dcs.proto import classifier_pb2_grpc as cpb_grpc
+from dcs.proto import grpc_predict_v2_pb2 as ipb
+from dcs.proto import grpc_predict_v2_pb2_grpc as ipb_grpc
 from tests.reliability.conftest import (
     AUTH,
     MODEL,
@@ -106,8 +106,8 @@ def test_token_compare_is_constant_time(monkeypatch):
     import hmac
     import inspect
 
-    import server.audit as audit_mod
-    from server.errors import PermissionDenied
+    import dcs.server.audit as audit_mod
+    from dcs.server.errors import PermissionDenied
 
     calls = []
     real = hmac.compare_digest
@@ -254,7 +254,7 @@ def test_repository_never_loads_a_package_from_outside(base_repo, tmp_path, stat
 
 
 def _reseal(pkg: Path, name: str | None = None) -> None:
-    from robustness.manifest import (
+    from dcs.robustness.manifest import (
         GRAD_FILE,
         MANIFEST_FILE,
         MODEL_FILE,

@@ -16,8 +16,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustness.report import comparison_table, load_report
-    from training.cli import CLIError
+    from dcs.robustness.report import comparison_table, load_report
+    from dcs.training.cli import CLIError
 
     reports = []
     for r in args.reports:

@@ -13,7 +13,7 @@ Torch-free: it runs the ONNX package through ONNX Runtime.
 contiguous global indices [floor(I*N_ex/N), floor((I+1)*N_ex/N)). Every example's random numbers
 depend only on (seed, job, global index), so each example gets exactly the numbers the unsharded
 run gives it; the shard report adds a ``shard`` section with the per-example outcomes, and
-``dcs merge`` combines the N shard reports into the unsharded report (``robustness.shard``).
+``dcs merge`` combines the N shard reports into the unsharded report (``dcs.robustness.shard``).
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    from robustness.suites import PRESETS
+    from dcs.robustness.suites import PRESETS
 
     p = sub.add_parser("evaluate", help="attack model packages and write report.json + report.html",
                        description=__doc__.splitlines()[0])
     p.add_argument("packages", nargs="+", metavar="PACKAGE_DIR", help="model package folder(s)")
-    p.add_argument("--dataset", required=True, help="dataset name for training.data.load_dataset (e.g. digits, fmnist)")
+    p.add_argument("--dataset", required=True, help="dataset name for data.load_dataset (e.g. digits, fmnist)")
     p.add_argument("--data-dir", default=None, help="dataset folder, when the dataset needs one")
     p.add_argument("--suite", default="quick", help=f"preset ({', '.join(PRESETS)}) or a .yaml/.json suite file")
     p.add_argument("--eps", default=None, help="comma-separated ε sweep overriding the suite's, e.g. 0.1,0.2")
@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
 
 
 def parse_eps(text: str) -> tuple[float, ...]:
-    from training.cli import CLIError
+    from dcs.training.cli import CLIError
 
     try:
         vals = tuple(float(t) for t in text.split(",") if t.strip())
@@ -65,11 +65,11 @@ def parse_eps(text: str) -> tuple[float, ...]:
 
 
 def load_test_data(name: str, data_dir: str | None, limit: int | None):
-    """(x_test, y_test, class_names) via training.data; 'digits' falls back to sklearn's 8x8 set."""
-    from training.cli import CLIError
+    """(x_test, y_test, class_names) via data; 'digits' falls back to sklearn's 8x8 set."""
+    from dcs.training.cli import CLIError
 
     try:
-        from training.data import DataError, load_dataset
+        from dcs.data import DataError, load_dataset
     except ImportError:
         load_dataset, DataError = None, Exception
     if load_dataset is not None:
@@ -80,15 +80,15 @@ def load_test_data(name: str, data_dir: str | None, limit: int | None):
             if name != "digits":
                 raise CLIError(f"--dataset {name!r}: {exc}") from None
     if name != "digits":
-        raise CLIError(f"--dataset {name!r}: training.data.load_dataset is not available; only 'digits' works")
-    from robustness.testing import load_digits_nchw
+        raise CLIError(f"--dataset {name!r}: data.load_dataset is not available; only 'digits' works")
+    from dcs.robustness.testing import load_digits_nchw
 
     _, _, x, y = load_digits_nchw()
     return x, y, [str(i) for i in range(10)]
 
 
 def _check_writable(folder: Path) -> None:
-    from training.cli import CLIError
+    from dcs.training.cli import CLIError
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -99,10 +99,10 @@ def _check_writable(folder: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustness.manifest import PackageError
-    from robustness.package import load_package
-    from robustness.suites import SuiteError, get_suite
-    from training.cli import CLIError
+    from dcs.robustness.manifest import PackageError
+    from dcs.robustness.package import load_package
+    from dcs.robustness.suites import SuiteError, get_suite
+    from dcs.training.cli import CLIError
 
     # 1. arguments and suite
     shard = _parse_shard(args)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         except PackageError as exc:
             raise CLIError(f"--transfer-from: {exc}") from None
     if sources:
-        from robustness.suites import AttackSpec
+        from dcs.robustness.suites import AttackSpec
 
         extra = tuple(AttackSpec("transfer", {"source": d, "attack": "pgd", "attack_params": {"steps": 10}},
                                  label=f"Transfer from {src.name} v{src.version}") for d, src in sources.items())
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"{pkg.path}: {pkg.num_classes} classes but dataset labels reach {int(y.max())}")
     ids = None
     if shard is not None:
-        from robustness.shard import ShardError, shard_range
+        from dcs.robustness.shard import ShardError, shard_range
 
         try:
             lo, hi = shard_range(shard[0], shard[1], len(x))
@@ -169,27 +169,27 @@ def run(args: argparse.Namespace) -> int:
     for pkg, dirs in zip(packages, targets):
         rep = _evaluate_one(pkg, x, y, names, suite, args, sources, ids)
         if shard is not None:
-            from robustness.shard import shard_section
+            from dcs.robustness.shard import shard_section
 
             rep.shard = shard_section(rep, shard[0], shard[1], n_total, args.dataset)
         reports.append(rep.to_dict())
         written = []
-        from robustness.report import write_report
+        from dcs.robustness.report import write_report
 
         for folder in dirs:
             j, h = write_report(rep, folder, oracle=pkg)
             written += [str(j), str(h)]
         _summary(rep, written)
     if len(reports) > 1:
-        from robustness.report import comparison_table
+        from dcs.robustness.report import comparison_table
 
         sys.stdout.write("\n" + comparison_table(reports))
     return 0
 
 
 def _parse_shard(args) -> tuple[int, int] | None:
-    from robustness.shard import ShardError, parse_shard
-    from training.cli import CLIError
+    from dcs.robustness.shard import ShardError, parse_shard
+    from dcs.training.cli import CLIError
 
     if args.shard is None:
         return None
@@ -204,8 +204,8 @@ def _parse_shard(args) -> tuple[int, int] | None:
 
 
 def _evaluate_one(pkg, x, y, names, suite, args, sources, ids=None):
-    from robustness.audit import AuditError, audit
-    from training.cli import CLIError
+    from dcs.robustness.audit import AuditError, audit
+    from dcs.training.cli import CLIError
 
     bar = None
     if not args.no_progress:

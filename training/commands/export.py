@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from training.cli import CLIError
+from dcs.training.cli import CLIError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from training.export.exporter import export_run
-    from training.export.package_writer import ExportError
+    from dcs.training.export.exporter import export_run
+    from dcs.training.export.package_writer import ExportError
 
     if not Path(args.run_dir).is_dir():
         raise CLIError(f"{args.run_dir}: not a directory")

@@ -6,7 +6,7 @@ Each SHARD_REPORT is a shard's report.json or a folder holding one. All N shards
 (same package sha256, suite, seed, dataset and example count) must be given, each once; the
 merged report.json/report.html in ``--out`` has the same numbers, per-example worst case,
 headline and check results as an unsharded ``dcs evaluate`` with the same seed
-(``robustness.shard``). The HTML of a merged report has no adversarial example images.
+(``dcs.robustness.shard``). The HTML of a merged report has no adversarial example images.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
 
 
 def _load(arg: str) -> tuple[str, dict]:
-    from robustness.report import JSON_NAME, load_report
-    from training.cli import CLIError
+    from dcs.robustness.report import JSON_NAME, load_report
+    from dcs.training.cli import CLIError
 
     path = Path(arg)
     if path.is_dir():
@@ -43,10 +43,10 @@ def _load(arg: str) -> tuple[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from robustness.report import write_report
-    from robustness.shard import ShardError, merge_shards
-    from training.cli import CLIError
-    from training.commands.evaluate import _check_writable, _summary
+    from dcs.robustness.report import write_report
+    from dcs.robustness.shard import ShardError, merge_shards
+    from dcs.training.cli import CLIError
+    from dcs.training.commands.evaluate import _check_writable, _summary
 
     out = Path(args.out)
     docs = [_load(a) for a in args.shards]

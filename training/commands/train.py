@@ -4,7 +4,7 @@ Precedence: dataclass defaults (the papers' values) < ``--config`` file (YAML/JS
 as below or nested ``defense:``/``adv:`` mappings) < flags. ``--resume`` continues the run in
 ``--out`` from its own config.json (only --threads/--device/--checkpoint-every may change).
 
-Distributed: the same command under ``torchrun --nproc_per_node N -m training.cli train ...``
+Distributed: the same command under ``torchrun --nproc_per_node N -m dcs.training.cli train ...``
 trains with DistributedDataParallel (gloo on CPU, nccl with --device cuda). ``--batch-size`` is
 the global batch (each rank takes batch-size / N; it must divide evenly); rank 0 alone writes the
 run directory, which must be shared by all ranks; ``--resume`` needs the same N.
@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.cli import CLIError
-from training.config import ARCHS, BLUR_TYPES, DEFENSES, DEVICES, ConfigError, TrainConfig
+from dcs.training.cli import CLIError
+from dcs.training.config import ARCHS, BLUR_TYPES, DEFENSES, DEVICES, ConfigError, TrainConfig
 
 if TYPE_CHECKING:
-    from training.distributed import DistContext
+    from dcs.training.distributed import DistContext
 
 log = logging.getLogger(__name__)
 SUPPRESS = argparse.SUPPRESS
@@ -72,6 +72,12 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--adv-steps", "adv_steps", _int, "PGD steps (40)"),
     ("--adv-step-size", "adv_step_size", _opt_float, "PGD step (2.5*eps/steps)"),
     ("--adv-eps-warmup", "adv_eps_warmup", _float, "epochs over which eps ramps up from 0 (0 = off)"),
+    ("--certified", "certified", str, "certified training: none (default) | ibp | crown-ibp"),
+    ("--cert-eps", "cert_eps", _opt_float, "certified-training eps (0.4 mnist-like, else 0.15)"),
+    ("--cert-warmup", "cert_warmup", _opt_float, "natural-training epochs before the eps ramp (10%% of the phase)"),
+    ("--cert-ramp", "cert_ramp", _opt_float, "epochs of the linear eps/kappa ramp (50%% of the phase)"),
+    ("--cert-kappa", "cert_kappa", _float, "final weight of the natural loss (0.5)"),
+    ("--cert-pfe-margin", "cert_pfe_margin", _float, "pfe stage-2 weight of the unstable-activation hinge (0)"),
     ("--epochs", "epochs", _int, "epochs (default 10; pfe: sum of stages, 60)"),
     ("--batch-size", "batch_size", _int, "batch size (64)"),
     ("--lr", "lr", _float, "Adam learning rate (1e-3)"),
@@ -193,13 +199,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(values).resolved()
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
-    from training.distributed import (
+    from dcs.training.distributed import (
         DistributedError,
         check_global_batch,
         env_world_size,
         process_group,
     )
-    from training.trainer import resolve_device
+    from dcs.training.trainer import resolve_device
 
     try:
         check_global_batch(cfg.batch_size, env_world_size())
@@ -212,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: TrainConfig, out: Path, dist: DistContext | None) -> int:
     """The rest of ``run`` inside the (possibly trivial) process group; only rank 0 prints results."""
-    from training.data import DataError, load_dataset
+    from dcs.data import DataError, load_dataset
 
     if not args.resume and out.exists() and any((out / f).exists() for f in ("config.json", "checkpoint.pt", "final.pt")):
         raise CLIError(f"{out} already holds a run; use --resume or another --out")
@@ -222,9 +228,9 @@ def _run(args: argparse.Namespace, cfg: TrainConfig, out: Path, dist: DistContex
     except DataError as exc:
         raise CLIError(str(exc)) from None
 
-    from training.runs import RunError
-    from training.seeding import resolve_threads
-    from training.trainer import train
+    from dcs.training.runs import RunError
+    from dcs.training.seeding import resolve_threads
+    from dcs.training.trainer import train
 
     try:
         from dataclasses import replace

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from training.cli import CLIError
+from dcs.training.cli import CLIError
 
 
 def add_parser(subparsers) -> None:
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from training.export.verify import format_table, verify_package
+    from dcs.training.export.verify import format_table, verify_package
 
     if not Path(args.package_dir).is_dir():
         raise CLIError(f"{args.package_dir}: not a directory")

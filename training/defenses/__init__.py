@@ -1,6 +1,6 @@
 """Defense math as pure functions: BlurNet's L∞ and TV penalties, the PFE regularizers, blur kernels."""
-from training.defenses.kernels import blur_kernel
-from training.defenses.regularizers import (
+from dcs.training.defenses.kernels import blur_kernel
+from dcs.training.defenses.regularizers import (
     linf_depthwise_penalty,
     pfe_b1,
     pfe_b2,

@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from training.export.onnx_export import DEFAULT_OPSET
-from training.export.package_writer import (
+from dcs.training.export.onnx_export import DEFAULT_OPSET
+from dcs.training.export.package_writer import (
     ExportError,
     ExportResult,
     PackageSpec,
@@ -52,7 +52,7 @@ def architecture_record(config: dict[str, Any], model: Any) -> dict[str, Any]:
 
 def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | None = None,
                opset: int = DEFAULT_OPSET, force: bool = False, twin_gradient: str = "bpda") -> ExportResult:
-    """Load ``run_dir`` with ``training.runs.load_trained`` and write its package.
+    """Load ``run_dir`` with ``dcs.training.runs.load_trained`` and write its package.
 
     ``twin_gradient``: "bpda" (default: straight-through saturation in the gradient twin) or
     "exact" (the saturation's true zero gradient, for a "without BPDA" evaluation; see
@@ -60,7 +60,7 @@ def export_run(run_dir: str | Path, repo: str | Path, name: str, version: int | 
 
     Argument errors (bad name, version taken) are raised before the run is loaded.
     """
-    from training.runs import RunError, load_trained
+    from dcs.training.runs import RunError, load_trained
 
     resolve_version(Path(repo), name, version, force)  # fail before the expensive part
     run_dir = Path(run_dir)

@@ -6,26 +6,26 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from training.export.onnx_export import DEFAULT_OPSET
-from training.export.package_writer import ExportResult, PackageSpec, write_package
+from dcs.training.export.onnx_export import DEFAULT_OPSET
+from dcs.training.export.package_writer import ExportResult, PackageSpec, write_package
 
 
 def build_untrained(arch: str, defense: str | dict[str, Any], input_shape: Sequence[int],
                     num_classes: int, seed: int = 0):
-    """``training.models.build_model`` with weights from ``torch.manual_seed(seed)``, eval mode.
+    """``dcs.training.models.build_model`` with weights from ``torch.manual_seed(seed)``, eval mode.
 
     ``defense``: a kind ('none', 'pfe', ...) or a dict of ``DefenseSpec`` fields.
     """
     import torch
 
-    from training.config import DefenseSpec
-    from training.models import build_model
+    from dcs.training.config import DefenseSpec
+    from dcs.training.models import build_model
 
     spec = DefenseSpec(kind=defense) if isinstance(defense, str) else DefenseSpec(**defense)
     if spec.kind == "pfe" and spec.pfe_c is None:  # record the c the model is built with
         from dataclasses import replace
 
-        from training.models import DEFAULT_C
+        from dcs.training.models import DEFAULT_C
 
         spec = replace(spec, pfe_c=DEFAULT_C)
     state = torch.random.get_rng_state()
@@ -61,13 +61,13 @@ def export_untrained(repo: str | Path, name: str, arch: str = "pfe_cnn",
 def write_untrained_run(run_dir: str | Path, arch: str = "pfe_cnn", defense: str = "none",
                         input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10,
                         seed: int = 0) -> Path:
-    """A run folder that ``training.runs.load_trained`` accepts (``final.pt`` with random weights).
+    """A run folder that ``dcs.training.runs.load_trained`` accepts (``final.pt`` with random weights).
 
     For export/verify tests that need a run without training one.
     """
 
-    from training import runs
-    from training.config import DefenseSpec, TrainConfig
+    from dcs.training import runs
+    from dcs.training.config import DefenseSpec, TrainConfig
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,16 +10,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from robustness.manifest import (
+from dcs.robustness.manifest import (
     EPS_NAME,
+    MARGINS_LOWER_NAME,
     GRAD_NAME,
     INPUT_NAME,
     LABEL_NAME,
     LOGITS_NAME,
     LOWER_NAME,
+    TAU_NAME,
     UPPER_NAME,
 )
-from training.export.twin import trace_bounds, trace_forward, trace_probe, trace_twin
+from dcs.training.export.twin import trace_bounds, trace_forward, trace_probe, trace_twin, trace_twin_smooth
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +132,35 @@ def export_bounds_onnx(model: nn.Module, input_shape: Sequence[int], path: Path,
                        opset: int = DEFAULT_OPSET) -> Path:
     """``model.bounds.onnx``: ``(x, eps [1]) -> (logits_lower, logits_upper)`` by IBP.
 
-    Raises ``training.export.bounds.UnsupportedBounds`` for a model with an op IBP cannot handle.
+    Raises ``dcs.training.export.bounds.UnsupportedBounds`` for a model with an op IBP cannot handle.
     """
     x = example_input(input_shape)
     eps = torch.tensor([0.05])
     return export_graph(trace_bounds(model, x), (x, eps), path, [INPUT_NAME, EPS_NAME],
                         [LOWER_NAME, UPPER_NAME], opset, batched=[True, False])
+
+
+def export_twin_smooth_onnx(model: nn.Module, input_shape: Sequence[int], path: Path,
+                            opset: int = DEFAULT_OPSET) -> Path:
+    """``model.grad.smooth.onnx``: ``(x, y int64, tau [1]) -> (logits, d CE_sum / dx)`` with the
+    saturations' tanh-surrogate backward at temperature ``tau`` (issue 25)."""
+    x = example_input(input_shape)
+    y = torch.zeros(len(x), dtype=torch.long)
+    return export_graph(trace_twin_smooth(model, x), (x, y, torch.tensor([0.05])), path,
+                        [INPUT_NAME, LABEL_NAME, TAU_NAME], [LOGITS_NAME, GRAD_NAME], opset,
+                        batched=[True, True, False])
+
+
+def export_crown_onnx(model: nn.Module, input_shape: Sequence[int], path: Path,
+                      opset: int = DEFAULT_OPSET) -> Path:
+    """``model.crown.onnx``: ``(x, y int64, eps [1]) -> margins_lower [N,K]`` (issue 27).
+
+    Raises ``dcs.training.export.bounds.UnsupportedBounds`` for a model without linear rules.
+    """
+    from dcs.training.export.crown import trace_crown
+
+    x = example_input(input_shape)
+    y = torch.zeros(len(x), dtype=torch.long)
+    eps = torch.tensor([0.05])
+    return export_graph(trace_crown(model, x), (x, y, eps), path, [INPUT_NAME, LABEL_NAME, EPS_NAME],
+                        [MARGINS_LOWER_NAME], opset, batched=[True, True, False])

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from robustness.manifest import (
+from dcs.robustness.manifest import (
     BOUNDS_FILE,
     GRAD_FILE,
     INPUT_NAME,
@@ -28,23 +28,25 @@ from robustness.manifest import (
     MODEL_FILE,
     PROBE_FILE,
     SCHEMA_VERSION,
+    SMOOTH_FILE,
     PackageError,
     atomic_write_json,
     file_entry,
     seal,
     valid_name,
 )
-from robustness.package import SessionOptions, list_versions, load_package
-from training.export.bounds import IntervalModel, UnsupportedBounds
-from training.export.onnx_export import (
+from dcs.robustness.package import SessionOptions, list_versions, load_package
+from dcs.training.export.bounds import IntervalModel, UnsupportedBounds
+from dcs.training.export.onnx_export import (
     DEFAULT_OPSET,
     export_bounds_onnx,
     export_model_onnx,
     export_probe_onnx,
     export_twin_onnx,
+    export_twin_smooth_onnx,
     exporter_versions,
 )
-from training.export.twin import bpda, saturation_modules
+from dcs.training.export.twin import SURROGATE_TAUS, bpda, saturation_modules, surrogate_modules
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,16 @@ def gradient_entry(bpda_layers: Sequence[str], masked_layers: Sequence[str] = ()
             "note": "exact autograd gradient of the summed cross-entropy, traced with make_fx"}
 
 
+def surrogate_family(taus=SURROGATE_TAUS) -> list[dict[str, Any]]:
+    """The manifest's ``gradient.surrogates``: straight-through (``model.grad.onnx``) and the tanh
+    members (``model.grad.smooth.onnx`` fed ``tau``). Every member has the served forward."""
+    out: list[dict[str, Any]] = [{"name": "straight-through", "kind": "straight-through", "file": GRAD_FILE,
+                                  "backward": "identity"}]
+    out += [{"name": f"tanh:{t:g}", "kind": "tanh", "tau": float(t), "file": SMOOTH_FILE,
+             "backward": "d/dz 0.5*(tanh((z-c)/tau) + tanh((z+c)/tau))"} for t in taus]
+    return out
+
+
 def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
            bounds: bool | None = None, twin_gradient: str = "bpda") -> dict[str, Any]:
     """Export all graphs into ``out`` and write the sealed manifest; returns the manifest."""
@@ -131,6 +143,13 @@ def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
         masked = [] if straight else [name for name, _ in saturation_modules(model)]
         export_twin_onnx(model, shape, out / GRAD_FILE, spec.opset)
     files = [MODEL_FILE, GRAD_FILE]
+    gradient = gradient_entry(layers, masked)
+    if layers and surrogate_modules(model):
+        export_twin_smooth_onnx(model, shape, out / SMOOTH_FILE, spec.opset)
+        files.append(SMOOTH_FILE)
+        gradient["surrogates"] = surrogate_family()
+        gradient["note"] += ("; gradient.surrogates lists the backward surrogates offered for them "
+                             "(adaptive audits attack through each)")
     bounds_entry: dict[str, Any] | None = None
     if bounds is not False:
         try:
@@ -159,7 +178,7 @@ def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
         "defense": dict(spec.defense),
         "architecture": dict(spec.architecture),
         "training": dict(spec.training),
-        "gradient": gradient_entry(layers, masked),
+        "gradient": gradient,
         "loss": {"kind": "cross_entropy", "reduction": "sum", "per_example": True},
         "opset": int(spec.opset),
         "exporter": exporter_versions(),

@@ -1,6 +1,6 @@
 """Small stand-in models covering every op of the real model families (for export tests).
 
-They mirror ``training.models``' contract (``probe(x)``, ``first_layer_weight()``, saturation
+They mirror ``dcs.training.models``' contract (``probe(x)``, ``first_layer_weight()``, saturation
 modules with ``straight_through`` / ``enabled``) without depending on it: strided 'same'
 convolution (asymmetric pad), strided symmetric-padding convolution (needs ``output_padding``
 in the backward), valid convolution, depthwise blur, an L1-normalized convolution computed from

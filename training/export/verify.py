@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from robustness.manifest import PackageError
-from robustness.package import ModelPackage, SessionOptions, load_package
+from dcs.robustness.manifest import PackageError
+from dcs.robustness.package import ModelPackage, SessionOptions, load_package
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def _inputs(pkg: ModelPackage, batch: int, seed: int) -> tuple[np.ndarray, np.nd
 def _torch_checks(pkg: ModelPackage, run_dir: Path, x: np.ndarray, y: np.ndarray) -> list[Check]:
     import torch
 
-    from training.export.twin import bpda, reference_loss_grad
-    from training.runs import load_trained
+    from dcs.training.export.twin import bpda, reference_loss_grad
+    from dcs.training.runs import load_trained
 
     run = load_trained(run_dir)
     checks = [Check("run matches manifest (labels, input shape)",

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from training.config import ARCHS, DefenseSpec
-from training.models.layers import DepthwiseBlur, L1NormalizedConv2d, Saturation
-from training.models.nets import BACKBONES, DefendedNet, PolarizingFrontEnd
+from dcs.training.config import ARCHS, DefenseSpec
+from dcs.training.models.layers import DepthwiseBlur, L1NormalizedConv2d, Saturation
+from dcs.training.models.nets import BACKBONES, DefendedNet, PolarizingFrontEnd
 
 __all__ = [
     "DefendedNet",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.defenses.kernels import blur_kernel
+from dcs.training.defenses.kernels import blur_kernel
 
 
 class _SaturateStraightThrough(torch.autograd.Function):
@@ -24,12 +24,40 @@ class _SaturateStraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class _SaturateTanh(torch.autograd.Function):
+    """Forward: ternary saturation (exactly the served one); backward: the derivative of the
+    smooth surrogate 0.5·(tanh((z−c)/τ) + tanh((z+c)/τ)) (BPDA with a temperature τ > 0).
+
+    ``tau`` is a tensor (a graph input of the smooth twin, ``model.grad.smooth.onnx``)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, c: float, tau: Tensor) -> Tensor:
+        ctx.save_for_backward(z, tau)
+        ctx.c = c
+        return 0.5 * (torch.sign(z - c) + torch.sign(z + c))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        z, tau = ctx.saved_tensors
+        a = torch.tanh((z - ctx.c) / tau)
+        b = torch.tanh((z + ctx.c) / tau)
+        return grad * (0.5 / tau) * ((1.0 - a * a) + (1.0 - b * b)), None, None
+
+
+def tanh_surrogate(z: Tensor, c: float, tau: float | Tensor) -> Tensor:
+    """The smooth surrogate itself, 0.5·(tanh((z−c)/τ) + tanh((z+c)/τ)) (for references)."""
+    return 0.5 * (torch.tanh((z - c) / tau) + torch.tanh((z + c) / tau))
+
+
 class Saturation(nn.Module):
     """s(z) = 0.5·(sign(z−c) + sign(z+c)) ∈ {−1, 0, +1} (polarizing front end).
 
     ``enabled`` False → identity (PFE stages 1–2). ``straight_through`` False → the true
     gradient (zero almost everywhere: plain torch ops); True → identity backward via a custom
     autograd.Function (BPDA, used by attacks, adversarial training and the gradient twin).
+    ``surrogate_tau`` (a float or tensor > 0, default None) takes precedence over both: the
+    forward is unchanged, the backward is the tanh surrogate's derivative at temperature τ
+    (``dcs.training.export.twin.surrogate``).
     """
 
     def __init__(self, c: float, *, enabled: bool = True, straight_through: bool = False) -> None:
@@ -37,10 +65,15 @@ class Saturation(nn.Module):
         self.c = float(c)
         self.enabled = enabled
         self.straight_through = straight_through
+        self.surrogate_tau: float | Tensor | None = None
 
     def forward(self, z: Tensor) -> Tensor:
         if not self.enabled:
             return z
+        if self.surrogate_tau is not None:
+            tau = self.surrogate_tau
+            tau = tau if isinstance(tau, Tensor) else torch.tensor([float(tau)], dtype=z.dtype)
+            return _SaturateTanh.apply(z, self.c, tau)
         if self.straight_through:
             return _SaturateStraightThrough.apply(z, self.c)
         return 0.5 * (torch.sign(z - self.c) + torch.sign(z + self.c))

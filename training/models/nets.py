@@ -18,7 +18,7 @@ import math
 
 from torch import Tensor, nn
 
-from training.models.layers import (
+from dcs.training.models.layers import (
     DepthwiseBlur,
     L1NormalizedConv2d,
     Saturation,

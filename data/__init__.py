@@ -3,7 +3,7 @@
 Names: ``fmnist``, ``mnist5k``, ``digits``, ``npz:<path>``, ``folder:<path>``,
 ``lisa:<path>`` / ``lisa<N>:<path>`` (top-N classes, default 18). See ``registry``.
 """
-from training.data.base import DataError, Dataset
-from training.data.registry import DATASET_KINDS, load_dataset
+from dcs.data.base import DataError, Dataset
+from dcs.data.registry import DATASET_KINDS, load_dataset
 
 __all__ = ["DATASET_KINDS", "DataError", "Dataset", "load_dataset"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.base import DataError, stratified_split
+from dcs.data.base import DataError, stratified_split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".gif"}
 TEST_FRACTION = 0.2

