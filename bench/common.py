@@ -21,6 +21,7 @@ log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 PFE = "pfe"          # Fashion-MNIST-shaped pfe_cnn (1x28x28), random weights
+POLAR = "polarizing"  # the same pfe_cnn behind a polarizing front end (the demo's second model)
 DIGITS = "digits"    # digits MLP (1x8x8), trained in a second
 
 
@@ -66,6 +67,10 @@ class Sizes:
     shape: tuple[int, ...] = (1, 28, 28)
     device: str = "cpu"                   # server --device and the reference's ORT provider
     attack_batch: int = 128               # examples per attack batch, both engines
+    #: ModelInfer rows (bench.kserve): (label, served model) pairs and concurrencies
+    infer_models: tuple[tuple[str, str], ...] = (("baseline", PFE), ("polarizing", POLAR))
+    infer_concurrencies: tuple[int, ...] = (1, 8, 64)
+    client_concurrencies: tuple[int, ...] = (8, 64)  # Classify through dcs.clients.Client
 
     @classmethod
     def make(cls, mode: str) -> Sizes:
@@ -74,7 +79,8 @@ class Sizes:
                        1000, 100, 1000, 1000, 10_000, 10_000, mode)
         if mode == "smoke":  # seconds: keeps the harness from rotting (tests/test_bench_smoke.py)
             return cls(False, 0.3, 0.1, (8,), (16,), 64, 2, 1, 16, 2, 16, 5, 200, 50, mode,
-                       DIGITS, (1, 8, 8))
+                       DIGITS, (1, 8, 8), infer_models=(("digits", DIGITS),),
+                       infer_concurrencies=(1, 8), client_concurrencies=(8,))
         return cls(False, 3.0, 0.5, (1, 8, 64), (16, 64, 128), 1000, 10, 1,
                    200, 20, 200, 200, 10_000, 5000, mode)
 
@@ -96,7 +102,8 @@ def _run_py(code: str, timeout: float = 300) -> None:
 
 
 def ensure_models(repo: Path, *, digits_copies: int = 1, pfe: bool = True) -> Path:
-    """Model repository with ``pfe`` v1 (exported pfe_cnn) and ``digits`` (+ ``digits2``...).
+    """Model repository with ``pfe`` v1 (exported pfe_cnn), ``polarizing`` v1 (pfe_cnn behind a
+    polarizing front end) and ``digits`` (+ ``digits2``...).
 
     Packages are built once into ``cache_dir()`` (the pfe_cnn export takes ~15 s) and copied.
     """
@@ -108,13 +115,18 @@ def ensure_models(repo: Path, *, digits_copies: int = 1, pfe: bool = True) -> Pa
         _run_py("from dcs.training.export.fixtures import export_untrained\n"
                 f"export_untrained({str(cache)!r}, {PFE!r}, arch='pfe_cnn', defense='none', "
                 "input_shape=(1, 28, 28), num_classes=10, seed=0, version=1, force=True)\n")
+    if pfe and not (cache / POLAR / "1" / "model.onnx").exists():
+        log.info("exporting pfe_cnn with a polarizing front end into %s", cache)
+        _run_py("from dcs.training.export.fixtures import export_untrained\n"
+                f"export_untrained({str(cache)!r}, {POLAR!r}, arch='pfe_cnn', defense='pfe', "
+                "input_shape=(1, 28, 28), num_classes=10, seed=0, version=1, force=True)\n")
     names = [DIGITS] + [f"{DIGITS}{i}" for i in range(2, digits_copies + 1)]
     missing = [n for n in names if not (cache / n / "1" / "model.onnx").exists()]
     if missing:
         _run_py("from dcs.robustness.testing import digits_package\n"
                 f"for n in {missing!r}: digits_package({str(cache)!r}, n, 1)\n")
     repo.mkdir(parents=True, exist_ok=True)
-    for name in ((PFE,) if pfe else ()) + tuple(names):
+    for name in ((PFE, POLAR) if pfe else ()) + tuple(names):
         if not (repo / name).exists():
             shutil.copytree(cache / name, repo / name)
     return repo

@@ -1,6 +1,7 @@
 """Profile the real server's hot path with py-spy while the load generator drives it.
 
-``python -m bench.profile_server [--concurrency 64] [--batch 1] [--seconds 8] [--flags ...]``
+``python -m bench.profile_server [--concurrency 64] [--batch 1] [--seconds 8] [--api infer-aio]
+[--model pfe] [--flags ...]``
 prints the top functions by own (self) samples and by inclusive samples, from py-spy's collapsed
 stacks of every server thread (event loop + ORT executor). Needs ``py-spy`` (pip install py-spy)
 and ptrace permission on the child (same user).
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--api", default="classify", choices=("classify", "infer-aio", "infer-sync",
+                                                         "client"),
+                   help="the load: Classify pre-serialized (bench.loadgen), or ModelInfer through "
+                   "tritonclient / Classify through dcs Client (bench.loadgen_kserve)")
+    p.add_argument("--model", default=PFE, help="served model the load asks for (pfe, polarizing)")
     p.add_argument("--idle", action="store_true", help="include idle samples (waiting threads)")
     p.add_argument("--native", action="store_true", help="C/Cython frames too (grpc core, ORT)")
     p.add_argument("--out", type=Path, default=None, help="keep the collapsed stacks here")
@@ -75,7 +81,7 @@ def _profile(spy: str, work: Path, args: argparse.Namespace) -> int:
         result = {}
         t = threading.Thread(target=lambda: result.update(load(
             sp.target, concurrency=args.concurrency, batch=args.batch, top_k=args.top_k,
-            duration=args.seconds, warmup=0.5, model=PFE)))
+            duration=args.seconds, warmup=0.5, model=args.model, api=args.api)))
         t.start()
         t.join(timeout=args.seconds * 3 + 60)
         spy_out = rec.communicate(timeout=args.seconds + 60)[0].decode(errors="replace")

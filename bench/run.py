@@ -23,15 +23,17 @@ ANALYSIS = Path(__file__).resolve().parent / "analysis.md"
 
 
 def _benches() -> dict[str, Callable]:
-    from bench import audit_speed, gpu, serving, system
+    from bench import adaptive_cost, audit_speed, gpu, kserve, serving, system
 
-    return {"classify": serving.bench_classify, "batched": serving.bench_batched,
+    return {"classify": serving.bench_classify, "infer": kserve.bench_infer,
+            "batched": serving.bench_batched,
             "batching": serving.bench_batching, "audit": audit_speed.bench_audit,
+            "adaptive": adaptive_cost.bench_adaptive,
             "isolation": system.bench_isolation, "memory": system.bench_memory,
             "gpu": gpu.bench_gpu}
 
 
-NAMES = ("classify", "batched", "batching", "audit", "isolation", "memory", "gpu")
+NAMES = ("classify", "infer", "batched", "batching", "audit", "adaptive", "isolation", "memory", "gpu")
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -95,8 +97,8 @@ def _run_benches(only: list[str], repo: Path, sizes: Sizes,
     rows: list[Row] = []
     timings: dict[str, float] = {}
     for name in (n for n in NAMES if n in only):
-        if smoke and name == "audit":
-            rows.append(Row("audit", "skipped in --smoke (needs the pfe export)", None))
+        if smoke and name in ("audit", "adaptive"):
+            rows.append(Row(name, "skipped in --smoke (needs the pfe export)", None))
             continue
         t0 = time.perf_counter()
         logging.getLogger("bench").info("running %s", name)

@@ -438,7 +438,7 @@ class _OneLine(logging.Formatter):
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
-    root = logging.getLogger("clients")
+    root = logging.getLogger("dcs.clients")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False

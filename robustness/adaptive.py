@@ -194,7 +194,7 @@ def run_members(attack: Attack, members: Sequence[str], x: np.ndarray, y: np.nda
         for i in won:
             by[int(i)] = name
         q, g, wall = q + res.queries, g + res.gradients, wall + res.wall_s
-        tally.append({"surrogate": name, "examples_attacked": int(len(todo)), "broken": int(len(won)),
+        tally.append({"surrogate": name, "examples_attacked": len(todo), "broken": len(won),
                       "gradients": int(res.gradients)})
         todo = todo[~res.success]
     if logits is None:
@@ -217,13 +217,13 @@ class _Combined:
 
 
 def broken_by(labels_by_job: Sequence[tuple[str, np.ndarray, Sequence[str | None]]], n: int) -> list[str | None]:
-    """Per example, ``"<label> @ <surrogate>"`` of the first job that broke it (None: robust or
-    never attacked through a surrogate). Entries: (label, example rows, member per row or None)."""
+    """Per example, ``"<label> @ <surrogate>"`` of the first job that broke it (``"<label>"`` for a
+    job without surrogates; None: robust). Entries: (label, rows, member per row: name, "" or None)."""
     out: list[str | None] = [None] * n
     for label, rows, members in labels_by_job:
         for i, m in zip(rows, members):
             if m is not None and out[int(i)] is None:
-                out[int(i)] = f"{label} @ {m}"
+                out[int(i)] = f"{label} @ {m}" if m else label
     return out
 
 
@@ -314,17 +314,30 @@ class AdaptivePlan:
                 return rng.rows(idx[rows])
             return ExampleRNG.for_examples([seed, job, 3000 + k], gids[idx[rows]])
 
+        calls = iter(range(len(self.used)))
+
+        def run_k(*args, **kw):  # progress units: a job counts its examples once (first member)
+            return run(*args, units=next(calls) == 0, **kw)
+
         res, by, tally = run_members(attack, self.used, x[idx], y[idx],
-                                     target[idx] if target is not None else None, make_rng, run, label, eps)
+                                     target[idx] if target is not None else None, make_rng, run_k, label, eps)
         if swept:
             self._jobs.setdefault(float(eps), []).append((label, idx, by))
         return res, tally
 
-    def broken_by(self, eps: float, n: int) -> dict[str, Any]:
-        """``{"broken_by": [...]}`` for a worst-case entry (empty when nothing adaptive ran)."""
+    def record(self, label: str, eps: float, idx: np.ndarray, success: np.ndarray, swept: bool) -> None:
+        """A job that ran without surrogates (score-only, noise, pinned): its breaks count in
+        ``broken_by`` under its label alone."""
+        if swept and self.used:
+            self._jobs.setdefault(float(eps), []).append((label, idx, ["" if s else None for s in success]))
+
+    def broken_by(self, eps: float, correct: np.ndarray) -> dict[str, Any]:
+        """``{"broken_by": [...]}`` for a worst-case entry (empty when nothing adaptive ran);
+        examples the model misclassifies clean are null."""
         if not self.used:
             return {}
-        return {"broken_by": broken_by(self._jobs.get(float(eps), []), n)}
+        out = broken_by(self._jobs.get(float(eps), []), len(correct))
+        return {"broken_by": [b if ok else None for b, ok in zip(out, correct)]}
 
     def check(self, tolerance: float) -> CheckResult | None:
         if not self.members:

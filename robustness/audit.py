@@ -193,7 +193,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
     def emit(label: str, eps: float, done: int, total: int) -> None:
         if progress is None:
             return
-        units = state["units"] + done
+        units = min(state["units"] + done, units_total)
         el = time.perf_counter() - t0
         eta = el / units * (units_total - units) if units else None
         ra = float(worst[eps].mean()) if eps in worst else None
@@ -201,7 +201,9 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
                                units_done=int(units), units_total=int(units_total), robust_accuracy_so_far=ra,
                                eta_s=eta, gradients_used=int(budget.gradients)))
 
-    def run_attack(attack, xs, ys, rng, label, eps, target=None, src_oracle=AD.maybe_eot(oracle)):
+    attack_oracle = AD.maybe_eot(oracle)  # EOT for a randomized model (none is, today)
+
+    def run_attack(attack, xs, ys, rng, label, eps, target=None, src_oracle=attack_oracle, units=True):
         try:
             res = attack.run(src_oracle, xs, ys, rng=rng, target=target, budget=budget,
                              should_stop=should_stop,
@@ -210,7 +212,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
             raise AuditCancelled(f"audit cancelled during {label} at ε={eps:g}: {exc}") from None
         except BudgetExceeded as exc:
             raise AuditBudgetExceeded(f"{label} at ε={eps:g}: {exc}") from None
-        state["units"] += len(xs)
+        state["units"] += len(xs) if units else 0  # later surrogate members: survivors of the first
         return res
 
     try:
@@ -268,6 +270,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
             else:
                 res = run_attack(attack, x[idx], y[idx], rng.rows(idx), spec.display, eps,
                                  target[idx] if target is not None else None)
+                plan.record(spec.display, eps, idx, res.success & (y[idx] == clean_pred[idx]), spec.eps is None)
             adv_pred = clean_pred.copy()
             adv_pred[idx] = res.pred
             x_adv = x.copy()
@@ -297,7 +300,7 @@ def audit(oracle: Any, x: np.ndarray, y: np.ndarray, suite: Suite | str, *, seed
                  spec.display, eps, results[-1]["robust_accuracy"], g, q, wall)
 
     worst_case = [{"eps": float(e), "robust_accuracy": float(worst[e].mean()), "attacks": worst_labels[e],
-                   "robust_mask": [int(v) for v in worst[e]], **plan.broken_by(e, n)} for e in sorted(worst)]
+                   "robust_mask": [int(v) for v in worst[e]], **plan.broken_by(e, correct)} for e in sorted(worst)]
     head = next((w for w in worst_case if abs(w["eps"] - headline_eps) < 1e-9), None)
     headline = {"eps": headline_eps, "robust_accuracy": head["robust_accuracy"] if head else None}
 

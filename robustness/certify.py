@@ -36,6 +36,18 @@ accuracy. ``dcs.robustness.audit`` runs it for suite entries named ``certify`` a
 the report's ``certified`` section, next to the attacks' empirical robust accuracy: the true
 robust accuracy lies in [certified, empirical].
 
+Methods (issue 27)
+------------------
+``method="ibp"`` (default) uses the interval margins above. ``method="crown"`` also runs the
+package's ``model.crown.onnx`` (``pkg.margin_bounds(x, y, ε) -> [N, K]`` lower bounds on
+logit_y − logit_j from a backward linear relaxation, ``training/export/crown.py``) and takes, per
+class j, the larger of the CROWN and the interval lower bound, so a CROWN-certified set always
+contains the IBP-certified one (same ``tol``, computed from the interval bounds). A package
+exported before issue 27 has no crown graph: ``method="crown"`` is then *skipped* with a reason
+naming the missing file (no silent fallback to IBP; re-export the package to get it).
+A crown pass is charged ``CROWN_QUERY_COST`` queries per example (its backward sweep carries K
+specification rows: about ten forward passes for ten classes).
+
 Cost: per ε, one pass through the bounds graph (about 2–3 forward passes) and, for polarizing
 models, one probe pass, for every example. Both count as queries against a suite's budget.
 """
@@ -55,6 +67,9 @@ NAME = "certify"
 #: training.models.DEFAULT_C: the saturation threshold a pfe model is built with when
 #: ``pfe_c`` is null (a torch-free copy; tests/test_certify.py checks they agree).
 DEFAULT_PFE_C = 0.25
+METHODS = ("ibp", "crown")
+#: queries charged per example for one pass through ``model.crown.onnx``
+CROWN_QUERY_COST = 10
 
 
 class CertifyError(AttackError):
@@ -83,6 +98,7 @@ class CertifyResult:
     threshold_source: str | None = None
     queries: int = 0
     wall_s: float = 0.0
+    method: str = "ibp"
 
     @property
     def certified_accuracy(self) -> float | None:
@@ -98,6 +114,18 @@ def bounds_unavailable(oracle: Any) -> str | None:
         where = f" at {path}" if path is not None else ""
         return (f"the package{where} has no model.bounds.onnx (exported without bounds, or "
                 "loaded with load_bounds=False)")
+    return None
+
+
+def crown_unavailable(oracle: Any) -> str | None:
+    """None when ``oracle`` offers CROWN margin bounds, else the reason it does not."""
+    if not callable(getattr(oracle, "margin_bounds", None)):
+        return f"method=crown: the oracle ({type(oracle).__name__}) has no margin_bounds"
+    if not getattr(oracle, "has_crown", False):
+        path = getattr(oracle, "path", None)
+        where = f" at {path}" if path is not None else ""
+        return (f"method=crown: the package{where} has no model.crown.onnx (exported before issue 27 "
+                "or without bounds); re-export it, or use method=ibp")
     return None
 
 
@@ -123,6 +151,17 @@ def margins(lo: np.ndarray, hi: np.ndarray, y: np.ndarray) -> np.ndarray:
     n = np.arange(len(y))
     hi[n, y] = -np.inf
     return lo[n, y] - hi.max(1)
+
+
+def best_margins(lo: np.ndarray, hi: np.ndarray, y: np.ndarray, crown: np.ndarray) -> np.ndarray:
+    """min_{j≠y} max(crown[j], lo[y] − hi[j]) per example: the tighter of the CROWN and the
+    interval lower bound for each class, then the worst class (float64)."""
+    lo = np.asarray(lo, np.float64)
+    hi = np.asarray(hi, np.float64)
+    n = np.arange(len(y))
+    per_class = np.maximum(np.asarray(crown, np.float64), lo[n, y][:, None] - hi)
+    per_class[n, y] = np.inf
+    return per_class.min(1)
 
 
 def certified_mask(lo: np.ndarray, hi: np.ndarray, y: np.ndarray, margin_tol: float = 1e-5) -> np.ndarray:
@@ -160,8 +199,11 @@ class Certify:
     margin_tol: float = 1e-5
     unstable: bool = True
     c: float | None = None
+    method: str = "ibp"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CertifyError(f"{self.name}: method={self.method!r}, expected one of {', '.join(METHODS)}")
         if not 0.0 <= float(self.eps) <= 1.0:
             raise CertifyError(f"{self.name}: eps={self.eps!r}, expected a number in [0, 1]")
         if int(self.batch_size) < 1:
@@ -178,8 +220,8 @@ class Certify:
         return 0
 
     def query_cost(self, n: int) -> int:
-        """Worst case: one bounds pass and one probe pass per example."""
-        return 2 * n
+        """Worst case: one bounds pass and one probe pass per example (+ a crown pass)."""
+        return 2 * n + (CROWN_QUERY_COST * n if self.method == "crown" else 0)
 
     def run(self, oracle: Any, x: np.ndarray, y: np.ndarray, *, budget: Budget | None = None,
             should_stop: Callable[[], bool] | None = None,
@@ -196,10 +238,12 @@ class Certify:
         if len(x) != len(y):
             raise CertifyError(f"{self.name}: {len(x)} inputs but {len(y)} labels")
         reason = bounds_unavailable(oracle)
+        if reason is None and self.method == "crown":
+            reason = crown_unavailable(oracle)
         if reason is not None:
             if on_batch is not None:
                 on_batch(len(x), len(x))
-            return CertifyResult(eps=eps, status="skipped", reason=reason)
+            return CertifyResult(eps=eps, status="skipped", reason=reason, method=self.method)
         c, c_src = (float(self.c), "suite parameter c") if self.c is not None else saturation_threshold(oracle)
         use_probe = bool(self.unstable and c is not None and getattr(oracle, "has_probe", False))
         start = time.perf_counter()
@@ -211,13 +255,21 @@ class Certify:
                 raise Stopped(f"{self.name}: stopped after {lo_i} of {len(x)} examples")
             sl = slice(lo_i, lo_i + int(self.batch_size))
             xb, yb = x[sl], y[sl]
+            crown = self.method == "crown"
             if budget is not None:
-                budget.spend(queries=len(xb) * (2 if use_probe else 1))
+                budget.spend(queries=len(xb) * ((2 if use_probe else 1) + (CROWN_QUERY_COST if crown else 0)))
             lo, hi = oracle.logit_bounds(xb, eps)
             lo, hi = np.asarray(lo), np.asarray(hi)
             queries += len(xb)
-            marg[sl] = margins(lo, hi, yb)
-            cert[sl] = certified_mask(lo, hi, yb, float(self.margin_tol))
+            if crown:
+                m_crown = np.asarray(oracle.margin_bounds(xb, yb, eps), np.float64)
+                queries += CROWN_QUERY_COST * len(xb)
+                marg[sl] = best_margins(lo, hi, yb, m_crown)
+                scale = np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)).max(1).astype(np.float64))
+                cert[sl] = marg[sl] > float(self.margin_tol) * scale
+            else:
+                marg[sl] = margins(lo, hi, yb)
+                cert[sl] = certified_mask(lo, hi, yb, float(self.margin_tol))
             if use_probe:
                 z = oracle.probe(xb).get("z")
                 queries += len(xb)
@@ -230,7 +282,7 @@ class Certify:
         return CertifyResult(eps=eps, status="ok", certified=cert, margin_lower=marg,
                              unstable_fraction=frac, activations=total,
                              threshold=c if total else None, threshold_source=c_src if total else None,
-                             queries=queries, wall_s=time.perf_counter() - start)
+                             queries=queries, wall_s=time.perf_counter() - start, method=self.method)
 
 
 def build(**params: Any) -> Certify:
@@ -261,7 +313,7 @@ def section(results: list[tuple[str, CertifyResult]], worst_case: list[Mapping[s
         empirical = float(w["robust_accuracy"]) if w is not None else (min(attack_accs) if attack_accs else None)
         cert = r.certified_accuracy
         per_eps.append({
-            "eps": r.eps, "label": label, "n": len(r.certified), "certified_accuracy": cert,
+            "eps": r.eps, "label": label, "method": r.method, "n": len(r.certified), "certified_accuracy": cert,
             "empirical_robust_accuracy": empirical,
             "interval": [cert, empirical] if empirical is not None else [cert, None],
             "gap": None if empirical is None else empirical - cert,
@@ -271,13 +323,16 @@ def section(results: list[tuple[str, CertifyResult]], worst_case: list[Mapping[s
             "queries": r.queries, "wall_s": r.wall_s,
         })
     first = next((r for _, r in results if r.status == "ok" and r.threshold is not None), None)
+    methods = sorted({r.method for _, r in results if r.status == "ok"})
     return {
         "status": "ok" if per_eps else "skipped",
         "reason": skipped[0].reason if skipped and not per_eps else None,
         "method": method,
-        "margin": "interval",
-        "margin_note": "lo[y] − max_{j≠y} hi[j] from plain logit intervals; the bounds graph has no "
-                       "folded class-difference margin output",
+        "margin": "interval" if methods in ([], ["ibp"]) else "interval+crown",
+        "margin_note": "ibp: lo[y] − max_{j≠y} hi[j] from plain logit intervals; crown: per class the "
+                       "larger of that and model.crown.onnx's margin lower bound (issue 27)",
+        "methods": methods,
+        "skipped": [{"method": r.method, "eps": r.eps, "reason": r.reason} for r in skipped],
         "pfe_c": first.threshold if first else None,
         "pfe_c_source": first.threshold_source if first else None,
         "per_eps": per_eps,

@@ -20,6 +20,15 @@ Documented flags (what a "warn" means and what to do):
   restarts lowered accuracy by more than the tolerance: the suite's attacks have not converged,
   so the reported numbers overstate robustness.
 
+For models that declare a family of BPDA backward surrogates (``dcs.robustness.adaptive``):
+
+* ``surrogate_sensitivity``: PGD through each member of the family on the check subset; the
+  members' robust accuracies differ by more than the sample's noise (McNemar: 2·sqrt of the
+  discordant pairs, and at least tolerance + 1/n). It warns only when the audit attacked through
+  one surrogate (``adaptive: false`` or a pinned ``surrogate``): its numbers overstate robustness,
+  re-run adaptive. On an adaptive audit it passes and says that the headline is the per-example
+  worst case over the kept members. Not in ``CHECK_NAMES``: absent for every other model.
+
 Consistency (not a masking check; added whenever a suite includes ``certify``):
 
 * ``certified_le_empirical`` (status ``warn``, detail starting "bounds are unsound"; the

@@ -16,6 +16,7 @@ import numpy as np
 
 from dcs.robustness.manifest import (
     BOUNDS_FILE,
+    CROWN_FILE,
     EPS_NAME,
     GRAD_FILE,
     GRAD_NAME,
@@ -23,6 +24,7 @@ from dcs.robustness.manifest import (
     LABEL_NAME,
     LOGITS_NAME,
     LOWER_NAME,
+    MARGINS_LOWER_NAME,
     MODEL_FILE,
     PROBE_FILE,
     SMOOTH_FILE,
@@ -126,6 +128,7 @@ class ModelPackage:
     static_batch: bool = False  # pad each session's calls to a fixed batch (CUDA)
     _padders: dict[str, BatchPadder] = field(default_factory=dict, repr=False)
     smooth_session: Any | None = None  # model.grad.smooth.onnx (tanh surrogates), when declared
+    crown_session: Any | None = None  # model.crown.onnx (margin lower bounds, issue 27), when present
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -250,6 +253,21 @@ class ModelPackage:
         return lo, hi
 
     @property
+    def has_crown(self) -> bool:
+        return self.crown_session is not None
+
+    def margin_bounds(self, x: np.ndarray, y: np.ndarray, eps: float) -> np.ndarray:
+        """Sound lower bounds [N, K] on logit_y − logit_j over the ℓ∞ ball of radius ``eps``
+        (``model.crown.onnx``; 0 at j = y)."""
+        if self.crown_session is None:
+            raise PackageError(f"{self.path}: package has no {CROWN_FILE}")
+        x, y = self._grad_inputs(x, y)
+        self.stats["crown"] = self.stats.get("crown", 0) + len(x)
+        return self._run("crown", self.crown_session, [MARGINS_LOWER_NAME],
+                         {INPUT_NAME: x, LABEL_NAME: y, EPS_NAME: np.array([eps], dtype=np.float32)},
+                         (INPUT_NAME, LABEL_NAME))[0]
+
+    @property
     def has_probe(self) -> bool:
         return self.probe_session is not None
 
@@ -345,6 +363,13 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
         _check_io(bounds_path, bounds_sess, [INPUT_NAME, EPS_NAME], [LOWER_NAME, UPPER_NAME])
         _check_input_shape(bounds_path, bounds_sess, input_shape)
 
+    crown_sess = None
+    if opts.load_bounds and CROWN_FILE in manifest["files"]:
+        crown_path = package_dir / CROWN_FILE
+        crown_sess, _ = make_session(crown_path, opts)
+        _check_io(crown_path, crown_sess, [INPUT_NAME, LABEL_NAME, EPS_NAME], [MARGINS_LOWER_NAME])
+        _check_input_shape(crown_path, crown_sess, input_shape)
+
     probe_sess = None
     if opts.load_probe and PROBE_FILE in manifest["files"]:
         probe_path = package_dir / PROBE_FILE
@@ -358,7 +383,8 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
                        bounds_session=bounds_sess, probe_session=probe_sess, provider=provider,
                        bounds=tuple(manifest["input"].get("range", (0.0, 1.0))),
                        static_batch=(provider == CUDA if opts.static_batch is None
-                                     else opts.static_batch), smooth_session=smooth_sess)
+                                     else opts.static_batch), smooth_session=smooth_sess,
+                       crown_session=crown_sess)
     # The served graph and its twin must agree; a cheap probe catches a mismatched pair.
     if grad_sess is not None:
         probe = np.random.default_rng(0).random((2, *input_shape), dtype=np.float32)
@@ -383,6 +409,18 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
             raise PackageError(f"{package_dir / BOUNDS_FILE}: bounds at eps=0 differ from "
                                f"{MODEL_FILE}'s logits (max abs diff {worst:.3g})")
         pkg.stats.update(logits=0, bounds=0)
+    # Margin bounds at eps=0 must equal the logit margins (catches a crown graph of another model).
+    if crown_sess is not None:
+        probe = np.random.default_rng(2).random((2, *input_shape), dtype=np.float32)
+        a = pkg.logits(probe).astype(np.float64)
+        yy = np.arange(2, dtype=np.int64) % len(labels)
+        m = pkg.margin_bounds(probe, yy, 0.0)
+        want = a[np.arange(2), yy][:, None] - a
+        worst = float(np.abs(m - want).max())
+        if not worst <= 1e-4 * max(1.0, float(np.abs(a).max())):
+            raise PackageError(f"{package_dir / CROWN_FILE}: margin bounds at eps=0 differ from "
+                               f"{MODEL_FILE}'s logit margins (max abs diff {worst:.3g})")
+        pkg.stats.update(logits=0, crown=0)
     return pkg
 
 

@@ -19,6 +19,7 @@ File format (YAML or JSON), every key optional except ``attacks``::
       - {attack: pgd, params: {steps: 20, restarts: 2}, label: PGD-20}
       - {attack: rp2, eps: 1.0, params: {steps: 100}}
       - {attack: certify}          # certified accuracy from model.bounds.onnx (not an attack)
+      - {attack: certify, params: {method: crown}}   # + model.crown.onnx margins (issue 27)
       - {attack: transfer, params: {source: /path/to/other/package, attack: pgd,
                                     attack_params: {steps: 20}}}
     checks: {enabled: true, large_eps: 0.5}

@@ -100,6 +100,16 @@ class Venv:
         return run([str(self.python), "-c", code], cwd=cwd, env=clean_env(), capture=True).stdout
 
 
+def same_version(a: str, b: str | None) -> bool:
+    """``1.60 == 1.60.0`` (release segments compared with trailing zeros dropped)."""
+    def key(v: str) -> list[str]:
+        parts = v.split(".")
+        while len(parts) > 1 and parts[-1] == "0":
+            parts.pop()
+        return parts
+    return b is not None and key(a) == key(b)
+
+
 def canon(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -204,7 +214,7 @@ def step_floors(work: Path, wheel: Path, tests_dir: Path) -> None:
     venv = Venv(work, "venv-floors")
     venv.pip_install("-c", str(constraints), f"{wheel}[{','.join(extras)}]")
     got = venv.versions()
-    wrong = {n: (v, got.get(n)) for n, v in floors.items() if got.get(n) != v}
+    wrong = {n: (v, got.get(n)) for n, v in floors.items() if not same_version(v, got.get(n))}
     if wrong:
         raise SystemExit(f"floors not installed as declared: {wrong}")
     log("floors installed: " + ", ".join(f"{n}=={v}" for n, v in sorted(floors.items())))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from dcs.server.config import ConfigError, build_parser, load_config
 
-log = logging.getLogger("server")
+log = logging.getLogger("dcs.server")
 
 
 def loop_factory(choice: str) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:

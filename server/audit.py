@@ -157,6 +157,10 @@ class StoppableOracle:
         self._check()
         return self._inner.logit_bounds(x, eps)
 
+    def with_surrogate(self, name: str) -> StoppableOracle:
+        """A surrogate member's view (adaptive audits), checked like the package itself."""
+        return StoppableOracle(self._inner.with_surrogate(name), self._should_stop, self._on_call)
+
     def probe(self, x: np.ndarray):
         self._check()
         return self._inner.probe(x)
@@ -271,7 +275,9 @@ class AuditManager:
             raise InvalidInput("data is unset; expected data.dataset (a named split) or "
                                "data.examples (images + labels)")
         try:
-            grads, queries = suite.estimate_cost(n)
+            # every member of a BPDA surrogate family counts (dcs.robustness.adaptive)
+            members = len((rt.manifest.get("gradient") or {}).get("surrogates") or [])
+            grads, queries = suite.estimate_cost(n, members if members >= 2 else 1)
         except SuiteError as exc:
             raise InvalidInput(str(exc)) from None
         except (TypeError, ValueError, OverflowError) as exc:  # params_json of the wrong type

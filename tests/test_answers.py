@@ -106,3 +106,70 @@ def test_servicer_falls_back_to_building_the_message_past_the_encoded_ranks():
     assert isinstance(encoded, bytes) and isinstance(built, cpb.ClassifyResponse)
     assert cpb.ClassifyResponse.FromString(encoded) == built
     assert built == reference(REF, LABELS, DataPlane(6).scored, 5)
+
+
+# --- ModelInfer ----------------------------------------------------------------------------------
+def _infer_reference(name, version, scored, ks, request_id=""):
+    """ModelInferResponse built field by field with the generated classes (the previous path)."""
+    from dcs.proto import grpc_predict_v2_pb2 as ipb
+
+    logits = scored.logits
+    outputs, raws = [], []
+    for k in ks:
+        if k == 0:
+            outputs.append(ipb.ModelInferResponse.InferOutputTensor(
+                name="logits", datatype="FP32", shape=list(logits.shape)))
+            raws.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+        else:
+            k = min(k, logits.shape[1])
+            top = scored.top(k)
+            items = [f"{top.logits[i, j]:f}:{int(top.indices[i, j])}:"
+                     f"{LABELS[int(top.indices[i, j])]}".encode()
+                     for i in range(len(logits)) for j in range(k)]
+            outputs.append(ipb.ModelInferResponse.InferOutputTensor(
+                name="logits", datatype="BYTES", shape=[len(logits), k]))
+            raws.append(b"".join(len(b).to_bytes(4, "little") + b for b in items))
+    return ipb.ModelInferResponse(model_name=name, model_version=str(version), id=request_id,
+                                  outputs=outputs, raw_output_contents=raws)
+
+
+def test_infer_answers_are_upbs_bytes():
+    from dcs.server.servicers import infer_answers
+
+    class Runtime:
+        name, version, labels = "pfe", 12, LABELS
+
+    answers = infer_answers(Runtime())
+    logits = np.random.default_rng(5).normal(size=(9, len(LABELS))).astype(np.float32) * 30
+    scores = batch(logits, ClassifyAnswers(REF.SerializeToString(), LABELS))
+    for start, stop in ((0, 9), (0, 1), (3, 7), (8, 9)):
+        scored = scores[start:stop]
+        for rid in ("", "req-1", "ü" * 150):
+            want = _infer_reference("pfe", 12, scored, [0], rid).SerializeToString()
+            assert answers.logits(scores.logits_raw, start, stop, rid) == want
+            for ks in ([2], [0, 3], [len(LABELS)], [1, 0]):
+                bodies = []
+                for k in ks:
+                    if k == 0:
+                        bodies.append((0, answers.logits_bytes(scores.logits_raw, start, stop)))
+                    else:
+                        top = scored.top(k)
+                        bodies.append((top.indices.shape[1], answers.classification_bytes(
+                            top.logits.tolist(), top.indices.tolist())))
+                got = answers.response(stop - start, bodies, rid)
+                assert got == _infer_reference("pfe", 12, scored, ks, rid).SerializeToString()
+
+
+def test_typed_fp32_contents_read_from_the_wire_bytes():
+    from dcs.proto import grpc_predict_v2_pb2 as ipb
+    from dcs.server.servicers import _typed_contents
+
+    for n in (0, 1, 31, 32, 1000):  # 1-, 2- and 3-byte lengths
+        x = np.random.default_rng(n).random(n, dtype=np.float32)
+        contents = ipb.InferTensorContents(fp32_contents=x.tolist())
+        assert _typed_contents(contents, "FLOAT32") == x.astype("<f4").tobytes()
+    # another field set beside fp32_contents: falls back to reading the values
+    mixed = ipb.InferTensorContents(fp32_contents=[0.5, 0.25], int_contents=[3])
+    assert _typed_contents(mixed, "FLOAT32") == np.array([0.5, 0.25], "<f4").tobytes()
+    assert _typed_contents(ipb.InferTensorContents(uint_contents=[0, 7, 255]), "UINT8") == \
+        bytes([0, 7, 255])

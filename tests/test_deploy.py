@@ -31,6 +31,7 @@ SERVER_DOCKERFILES = ("Dockerfile", "Dockerfile.cpu")
 # The server image's install line, documented verbatim in deploy/README.md.
 SERVER_PIP_LINE = "pip install -c constraints.txt '.[server]'"
 TRAIN_PIP_LINE = "pip install -c constraints.txt '.[train]'"
+GPU_PIP_LINE = "pip install -c constraints.txt '.[server-gpu]'"
 # Rendered targets: name -> (kustomization dirs, components added on top).
 TARGETS = {
     "cpu": ("overlays/cpu", ()),
@@ -498,7 +499,6 @@ def test_dockerfile_runs_as_non_root(name):
 def test_server_image_has_no_torch_and_documented_install(name):
     instrs = _dockerfile(name)
     runs = " ".join(a for i, a in instrs if i == "RUN")
-    assert SERVER_PIP_LINE in runs
     assert "torch" not in runs.replace('python -c "import torch"', "")
     assert not re.search(r"\.\[[^\]]*\b(train|dev)\b", runs), "server image takes only `server`"
     readme = (DEPLOY / "README.md").read_text()
@@ -510,15 +510,18 @@ def test_server_image_has_no_torch_and_documented_install(name):
     assert "/opt/dcs/healthcheck.py" in cmd and cmd[cmd.index("--addr") + 1].endswith(":8001")
     base = [a for i, a in instrs if i == "FROM"]
     if name == "Dockerfile":
+        assert GPU_PIP_LINE in runs and GPU_PIP_LINE in readme
+        assert "onnxruntime-gpu" not in runs.split(GPU_PIP_LINE)[0]
         (arg,) = [a for i, a in instrs if i == "ARG" and a.startswith("CUDA_IMAGE=")]
         image = arg.split("=", 1)[1]
         # onnxruntime-gpu >= 1.27 wheels are CUDA 13 builds (1.19-1.26: CUDA 12): majors must match
         assert image.startswith("nvidia/cuda:13.") and "cudnn" in image and "runtime" in image
         (spec,) = [a for i, a in instrs if i == "ARG" and a.startswith("ORT_GPU_SPEC=")]
         assert ">=1.27" in spec, spec
-        assert "pip uninstall -y onnxruntime" in runs and "onnxruntime-gpu" in runs
-        assert runs.index(SERVER_PIP_LINE) < runs.index("pip uninstall -y onnxruntime")
+        # one runtime: the server-gpu extra never pulls the CPU wheel, and the build checks it
+        assert "pip uninstall" not in runs and "! pip show onnxruntime " in runs
     else:
+        assert SERVER_PIP_LINE in runs
         assert base == ["python:3.11-slim-bookworm"]
 
 

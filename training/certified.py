@@ -85,7 +85,7 @@ class CertifiedLoss:
         ibp = self.bounds(lo, hi, spec, stop=1 if self.last_is_linear else 0)
         if self.method == "ibp" or beta <= 0:
             return ibp
-        crown = self.bounds(lo, hi, spec, stop=None)
+        crown = self.bounds(lo, hi, spec, stop=None, concretize_all=False)
         return beta * crown + (1.0 - beta) * ibp
 
     def __call__(self, x: Tensor, y: Tensor, logits: Tensor, eps: float, beta: float) -> tuple[Tensor, Tensor]:

@@ -225,6 +225,7 @@ def export_step(row: dict, run_dir: Path, train_key: str, twin: str, work: Path,
     from dcs.robustness.manifest import MANIFEST_FILE
     from dcs.training.export.exporter import export_run
 
+    twin = "bpda" if twin == "bpda-st" else twin  # same package, audited through straight-through only
     key = config_hash({"train": train_key, "twin": twin, "code": CODE_VERSION})
     name = f"{row['id']}-{twin}-{key}"
     path = work / "repo" / name / "1"
@@ -294,7 +295,7 @@ def summarize_a(report) -> dict:
     return {"clean": float(report.clean_accuracy), "headline_eps": head, "columns": cols,
             "worst_case": float(worst.mean()), "curves": curves, "n": int(report.n_examples),
             "checks": [{"name": c["name"], "status": c["status"], "detail": c["detail"]} for c in d["checks"]],
-            "certified": d.get("certified"), "package": d.get("package")}
+            "certified": d.get("certified"), "package": d.get("package"), "adaptive": d.get("adaptive")}
 
 
 def eval_a_step(row: dict, twin: str, pkg_path: Path, export_key: str, preset: dict, work: Path,
@@ -305,6 +306,8 @@ def eval_a_step(row: dict, twin: str, pkg_path: Path, export_key: str, preset: d
     ds = row["dataset"]
     settings = preset["table_a"]
     suite = table_a_suite(settings, ds, preset["batch_size_eval"])
+    if twin == "bpda-st":  # the pre-issue-25 protocol: straight-through only
+        suite = suite.replace(adaptive=False)
     n = int(settings["n_examples"])
     key = config_hash({"pkg": export_key, "suite": suite.to_dict(), "n": n, "seed": preset["seed"],
                        "code": CODE_VERSION})

@@ -35,7 +35,7 @@ def _table_a_rows(datasets: dict[str, dict], *, epochs: dict[str, dict], adv: di
                      "label": f"{name}: PGD adversarial training", "twins": ["bpda"],
                      "train": {**common, "defense": "advtrain", **adv[ds]}})
         rows.append({"id": f"A-{ds}-pfe", "table": "A", "dataset": ds, "label": f"{name}: polarizing front end",
-                     "twins": ["bpda", "exact"], "train": {**common, "defense": "pfe", **pfe[ds]}})
+                     "twins": ["bpda", "bpda-st", "exact"], "train": {**common, "defense": "pfe", **pfe[ds]}})
     return rows
 
 

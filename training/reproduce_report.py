@@ -43,8 +43,9 @@ def table_a_rows(rows: list[dict], results: dict) -> list[dict]:
         if row["table"] != "A":
             continue
         for twin, s in results["A"][row["id"]].items():
-            grad = "with BPDA" if (twin == "bpda" and _kind(row) == "pfe") else (
-                "without BPDA (true zero gradient)" if twin == "exact" else "exact")
+            grad = "with BPDA, adaptive" if (twin == "bpda" and _kind(row) == "pfe") else (
+                "without BPDA (true zero gradient)" if twin == "exact" else (
+                    "with BPDA, straight-through only" if twin == "bpda-st" else "exact"))
             checks = s["checks"]
             cert = None
             if s.get("certified") and s["certified"].get("status") == "ok":
@@ -191,8 +192,9 @@ def write_figures(preset: dict, rows: list[dict], results: dict, out: Path) -> l
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for row in (r for r in a_rows if r["dataset"] == ds):
             for twin, s in results["A"][row["id"]].items():
-                lab = row["label"].split(": ", 1)[-1] + (" (without BPDA)" if twin == "exact" else "")
-                style = "--" if twin == "exact" else "-"
+                lab = row["label"].split(": ", 1)[-1] + {"exact": " (without BPDA)",
+                                                          "bpda-st": " (straight-through only)"}.get(twin, "")
+                style = {"exact": "--", "bpda-st": ":"}.get(twin, "-")
                 for ax, key in ((axes[0], "worst case"), (axes[1], "PGD")):
                     pts = [[0.0, s["clean"]]] + sorted(s["curves"].get(key, []))
                     ax.plot(*zip(*pts), style, marker="o", ms=3, label=lab)

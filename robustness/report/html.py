@@ -5,6 +5,8 @@ import base64
 import html
 from typing import Any
 
+from dcs.robustness.report.markdown import adaptive_note
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
 max-width:1100px;color:#222;padding:0 16px}
@@ -52,6 +54,8 @@ def render(report_dict: dict, figures: list[tuple[str, str, bytes]]) -> str:
     parts.append("<table class='meta'>" + "".join(f"<tr><th class='l'>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>"
                                                   for k, v in meta) + "</table>")
 
+    if d.get("adaptive"):
+        parts.append(f"<p>{_e(adaptive_note(d).lstrip('- '))}</p>")
     parts.append("<h2>Gradient-masking checks</h2><table><tr><th class='l'>check</th><th>status</th>"
                  "<th class='l'>detail</th></tr>")
     for c in d["checks"]:
@@ -100,7 +104,8 @@ def _certified_html(d: dict) -> list[str]:
     cert = d.get("certified")
     if not cert:
         return []
-    out = ["<h2>Certified robustness (interval bounds)</h2>"]
+    out = ["<h2>Certified robustness (" + ("interval and CROWN bounds" if cert.get("margin") == "interval+crown"
+                                           else "interval bounds") + ")</h2>"]
     if cert.get("status") != "ok":
         out.append(f"<p class='skip'>certify skipped: {_e(cert.get('reason'))}</p>")
         return out
@@ -109,13 +114,16 @@ def _certified_html(d: dict) -> list[str]:
                f"method {_e(cert.get('method') or '—')}, {_e(cert.get('margin'))} margins). Empirical: worst "
                "case over the attacks (an upper bound). The true robust accuracy lies in the interval.</p>")
     unst = any(c.get("unstable_fraction") is not None for c in cert["per_eps"])
-    out.append("<table><tr><th>ε</th><th>certified %</th><th>empirical %</th><th class='l'>interval %</th>"
+    many = len({c.get("method", "ibp") for c in cert["per_eps"]}) > 1  # ibp and crown (issue 27)
+    out.append("<table><tr><th>ε</th>" + ("<th>method</th>" if many else "")
+               + "<th>certified %</th><th>empirical %</th><th class='l'>interval %</th>"
                + ("<th>unstable activations %</th>" if unst else "") + "</tr>")
     for c in cert["per_eps"]:
         lo, hi = c["certified_accuracy"], c.get("empirical_robust_accuracy")
         u = c.get("unstable_fraction")
         u_cell = f"<td>{'—' if u is None else f'{100 * u:.2f}'}</td>" if unst else ""
-        out.append(f"<tr><td>{c['eps']:g}</td><td>{_pct(lo)}</td><td>{_pct(hi)}</td>"
+        m_cell = f"<td>{_e(c.get('method', 'ibp'))}</td>" if many else ""
+        out.append(f"<tr><td>{c['eps']:g}</td>{m_cell}<td>{_pct(lo)}</td><td>{_pct(hi)}</td>"
                    f"<td class='l'>[{_pct(lo)}, {_pct(hi)}]</td>{u_cell}</tr>")
     out.append("</table>")
     if cert.get("pfe_c") is not None:

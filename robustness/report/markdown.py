@@ -50,4 +50,17 @@ def comparison_table(reports: Sequence[dict], eps: float | None = None) -> str:
                     if abs(c["eps"] - e) < 1e-9 and c.get("certified_accuracy") is not None]
             line += f" {cell(cert)} |"
         lines.append(line)
-    return "\n".join(lines) + "\n"
+    notes = [adaptive_note(r) for r in reports if r.get("adaptive")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def adaptive_note(r: dict) -> str:
+    """One line on a report's BPDA surrogate family (``dcs.robustness.adaptive``)."""
+    pkg = r.get("package") or {}
+    a = r["adaptive"]
+    cal = a.get("calibration") or {}
+    accs = ", ".join(f"{k} {100 * v:.1f}" for k, v in (cal.get("robust_accuracy") or {}).items())
+    how = (f"adaptive: gradient attacks ran through {', '.join(a['used'])} (worst case per example)"
+           if a.get("used") else "NOT adaptive: straight-through only")
+    return (f"- {pkg.get('name', 'model')}: BPDA surrogates {how}; calibration {cal.get('attack')} at "
+            f"ε={cal.get('eps')} on {cal.get('n')} examples: {accs}.")

@@ -51,15 +51,26 @@ def _as_dict(report) -> dict:
     return report.to_dict()
 
 
-def certified_series(report) -> dict[str, Any] | None:
+def certified_methods(report) -> list[str]:
+    """Certification methods with numbers in the report (issue 27: "ibp", "crown"), ibp first."""
+    cert = _as_dict(report).get("certified") or {}
+    got = {c.get("method", "ibp") for c in cert.get("per_eps", []) if c.get("certified_accuracy") is not None}
+    return sorted(got, key=lambda m: (m != "ibp", m))
+
+
+def certified_series(report, method: str | None = None) -> dict[str, Any] | None:
     """Curves of one report for ``certified_vs_empirical``: None when it has no certified numbers.
 
     Returns ``{"eps", "certified", "empirical", "unstable"}`` (lists over ε, with ε = 0 prepended:
     certified = empirical = clean accuracy there; unstable = None where not computed).
+    ``method``: which certification method's rows (default: the first of ``certified_methods``).
     """
     d = _as_dict(report)
     cert = d.get("certified") or {}
-    rows = [c for c in cert.get("per_eps", []) if c.get("certified_accuracy") is not None]
+    methods = certified_methods(d)
+    method = method if method is not None else (methods[0] if methods else None)
+    rows = [c for c in cert.get("per_eps", []) if c.get("certified_accuracy") is not None
+            and c.get("method", "ibp") == method]
     if cert.get("status") != "ok" or not rows:
         return None
     rows = sorted(rows, key=lambda c: c["eps"])
@@ -100,20 +111,27 @@ def certified_vs_empirical(reports, labels: list[str] | None = None, *, title: s
             labels.append(str(pkg.get("name", "model")) + (f" v{pkg['version']}" if "version" in pkg else ""))
     if len(labels) != len(dicts):
         raise ValueError(f"{len(labels)} labels for {len(dicts)} reports")
-    series = [(lab, certified_series(d)) for lab, d in zip(labels, dicts)]
-    series = [(lab, s) for lab, s in series if s is not None]
+    series = [(lab, [(m, certified_series(d, m)) for m in certified_methods(d)]) for lab, d in zip(labels, dicts)]
+    series = [(lab, [(m, s) for m, s in per if s is not None]) for lab, per in series]
+    series = [(lab, per) for lab, per in series if per]
     if not series:
         raise ValueError("no report has certified numbers (run a suite with a certify entry on a "
                          "package with model.bounds.onnx)")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax2 = None
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (lab, s) in enumerate(series):
+    styles = {"ibp": "-", "crown": "-."}
+    for k, (lab, per) in enumerate(series):
         col = colors[k % len(colors)]
+        for m, s in per:  # one certified curve per method (issue 27), the empirical one once
+            e = np.asarray(s["eps"], float)
+            cert = np.asarray(s["certified"], float)
+            name = "certified" if len(per) == 1 and m == "ibp" else f"certified ({m.upper()})"
+            ax.plot(e, cert, styles.get(m, ":"), color=col, marker="o", ms=3, label=f"{lab}: {name}")
+        m, s = per[-1]
         e = np.asarray(s["eps"], float)
         cert = np.asarray(s["certified"], float)
         emp = np.asarray([np.nan if v is None else v for v in s["empirical"]], float)
-        ax.plot(e, cert, "-", color=col, marker="o", ms=3, label=f"{lab}: certified")
         if np.isfinite(emp).any():
             ax.plot(e, emp, "--", color=col, marker="s", ms=3, label=f"{lab}: empirical (attacks)")
             ok = np.isfinite(emp)

@@ -210,8 +210,9 @@ class MarginBounds(nn.Module):
         up_slope = torch.where(unstable, hi / denom, (lo >= 0).to(hi.dtype))
         up_icpt = torch.where(unstable, -lo * hi / denom, torch.zeros_like(hi))
         low_slope = torch.where(unstable, (hi > -lo).to(hi.dtype), (lo >= 0).to(hi.dtype))
-        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-        return pos * low_slope + neg * up_slope, (neg * up_icpt).flatten(2).sum(-1)
+        neg = lam.clamp(max=0)
+        back = torch.where(lam >= 0, lam * low_slope, lam * up_slope)
+        return back, (neg * up_icpt).flatten(2).sum(-1)
 
     @staticmethod
     def _back_maxpool(lam: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,16 +233,22 @@ class MarginBounds(nn.Module):
         dominated = (count == 1) & (lmax >= others_hi)
         umax = hw.amax(dim=(3, 5), keepdim=True)
         lam6 = lam.reshape(lam.shape[0], lam.shape[1], c, h2, 1, w2, 1)
-        pos, neg = lam6.clamp(min=0), lam6.clamp(max=0)
         dom = dominated.unsqueeze(1)
-        back = pos * weight.unsqueeze(1) + torch.where(dom, neg, torch.zeros_like(neg)) * weight.unsqueeze(1)
-        const = torch.where(dom, torch.zeros_like(neg), neg * umax.unsqueeze(1)).flatten(2).sum(-1)
+        neg = lam6.clamp(max=0)
+        # Λ ≥ 0: y ≥ Σ w·x; Λ < 0: y ≤ x_j where dominated (w one-hot), else y ≤ max u (a constant)
+        back = torch.where(dom, lam6, lam6.clamp(min=0)) * weight.unsqueeze(1)
+        umax1 = umax.unsqueeze(1)
+        const = (neg * torch.where(dom, torch.zeros_like(umax1), umax1)).flatten(2).sum(-1)
         back = back.reshape(lam.shape[0], lam.shape[1], c, h + ph, w + pw)[..., :h, :w]
         return back, const
 
     # -- the sweep ----------------------------------------------------------------------------
 
-    def forward(self, lo: Tensor, hi: Tensor, spec: Tensor, stop: int | None = None) -> Tensor:
+    def forward(self, lo: Tensor, hi: Tensor, spec: Tensor, stop: int | None = None,
+                concretize_all: bool = True) -> Tensor:
+        """Lower bounds [N, S] on spec·logits. ``concretize_all`` False concretizes only at the
+        logits and where the sweep ends (training: the intermediate maxima cost elementwise
+        passes over the largest tensors)."""
         intervals = [(lo, hi)]
         for step in self.steps:
             intervals.append(step.fn(*intervals[-1]))
@@ -277,7 +284,11 @@ class MarginBounds(nn.Module):
                 left, _, top, _ = step.pad
                 lam = lam[..., top:top + in_lo.shape[2], left:left + in_lo.shape[3]]
             crossed += 1
-            best = torch.maximum(best, concretize(lam, const, k))
+            if concretize_all:
+                best = torch.maximum(best, concretize(lam, const, k))
+            last = k
+        if not concretize_all and crossed:
+            best = torch.maximum(best, concretize(lam, const, last))
         return best
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from dcs.robustness.manifest import (
     BOUNDS_FILE,
+    CROWN_FILE,
     GRAD_FILE,
     INPUT_NAME,
     LOGITS_NAME,
@@ -40,6 +41,7 @@ from dcs.training.export.bounds import IntervalModel, UnsupportedBounds
 from dcs.training.export.onnx_export import (
     DEFAULT_OPSET,
     export_bounds_onnx,
+    export_crown_onnx,
     export_model_onnx,
     export_probe_onnx,
     export_twin_onnx,
@@ -133,6 +135,22 @@ def surrogate_family(taus=SURROGATE_TAUS) -> list[dict[str, Any]]:
     return out
 
 
+def _export_crown(model: nn.Module, shape: list[int], out: Path, opset: int) -> dict[str, Any] | None:
+    """``model.crown.onnx`` (issue 27) and its manifest entry, or None (logged) when the model has
+    an op without a linear rule: the package then certifies with ``method=ibp`` only."""
+    try:
+        export_crown_onnx(model, shape, out / CROWN_FILE, opset)
+    except UnsupportedBounds as exc:
+        log.warning("no %s for this model: %s", CROWN_FILE, exc)
+        return None
+    return {"file": CROWN_FILE, "method": "crown-ibp", "output": "margins_lower",
+            "inputs": ["x", "y", "eps"],
+            "note": "lower bounds on logit_y - logit_j over the eps-ball clipped to [0, 1]: backward "
+                    "linear relaxation (CROWN) from the margins with interval intermediate bounds, "
+                    "the best of the bounds concretized at every layer (never looser than the "
+                    "interval margins of model.bounds.onnx); see dcs.training.export.crown"}
+
+
 def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
            bounds: bool | None = None, twin_gradient: str = "bpda") -> dict[str, Any]:
     """Export all graphs into ``out`` and write the sealed manifest; returns the manifest."""
@@ -158,6 +176,10 @@ def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
             bounds_entry = {"method": "ibp", "norm": "linf", "domain": "eps-ball clipped to [0, 1]",
                             "note": "interval bound propagation: center/radius for affine layers, "
                                     "endpoints for monotone ones (ReLU, max-pool, saturation)"}
+            crown = _export_crown(model, shape, out, spec.opset)
+            if crown is not None:
+                files.append(CROWN_FILE)
+                bounds_entry["crown"] = crown
         except UnsupportedBounds as exc:
             if bounds:
                 raise ExportError(f"cannot build {BOUNDS_FILE}: {exc}") from None

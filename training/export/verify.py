@@ -87,6 +87,23 @@ def _bounds_checks(pkg: ModelPackage, x: np.ndarray, seed: int, eps: float = BOU
         worst = max(worst, float((lo - z).max()), float((z - hi).max()))
     out.append(Check(f"logits inside bounds (eps={eps:g}, {samples} corners)", worst <= BOUNDS_TOL,
                      f"worst excess {worst:.2e} (≤ {BOUNDS_TOL:g}); mean width {float((hi - lo).mean()):.3g}"))
+    if pkg.has_crown:  # issue 27: margin lower bounds, sound at the same corners, ≥ the interval margins
+        y = logits.argmax(1)
+        n = np.arange(len(y))
+        m = pkg.margin_bounds(x, y, eps)
+        ibp = lo[n, y][:, None] - hi
+        ibp[n, y] = 0.0
+        rng = np.random.default_rng(seed + 1)
+        excess = 0.0
+        for _ in range(samples):
+            xp = np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape), 0, 1).astype(np.float32)
+            z = pkg.logits(xp)
+            excess = max(excess, float((m - (z[n, y][:, None] - z)).max()))
+        looser = float((ibp - m).max())
+        scale = max(1.0, float(np.abs(lo).max()), float(np.abs(hi).max()))  # float32 rounding of big bounds
+        out.append(Check(f"margins above crown bounds (eps={eps:g}, {samples} corners), crown ≥ interval",
+                         excess <= BOUNDS_TOL * scale and looser <= BOUNDS_TOL * scale,
+                         f"worst excess {excess:.2e}, worst shortfall vs interval {looser:.2e} (≤ {BOUNDS_TOL:g})"))
     return out
 
 
