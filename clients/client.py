@@ -62,12 +62,6 @@ from dcs.proto import classifier_pb2_grpc as cpb_grpc
 
 log = logging.getLogger("dcs.clients.client")
 
-# Short reconnect backoffs break TLS on grpcio before 1.82: a secure channel made before its
-# server listens never connects ("Failed to connect to remote host: Timeout occurred"), seen
-# with grpcio 1.60-1.78 and not with 1.82+ (make test-deps, floors). Older grpcio keeps gRPC's
-# default backoff (1 s, growing), which connects, only later.
-_FAST_RECONNECT = tuple(int(p) for p in grpc.__version__.split(".")[:2] if p.isdigit()) >= (1, 82)
-
 T = TypeVar("T")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -128,10 +122,12 @@ class Client:
             # Our own retry loop decides; keep gRPC's transparent retries from doubling it.
             ("grpc.enable_retries", 0),
         ]
-        if _FAST_RECONNECT:  # reconnect quickly so retries reach a server that just came up
-            options += [("grpc.initial_reconnect_backoff_ms", 100),
-                        ("grpc.min_reconnect_backoff_ms", 100),
-                        ("grpc.max_reconnect_backoff_ms", int(max(max_backoff_s, 0.1) * 1000))]
+        # Reconnect quickly so retries reach a server that just came up. Not
+        # grpc.min_reconnect_backoff_ms: grpcio before 1.82 also takes it as every connection
+        # attempt's timeout, and a TLS handshake on a busy machine never fits in 100 ms (a secure
+        # channel made before its server listened never connected; make test-deps, floors).
+        options += [("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", int(max(max_backoff_s, 0.1) * 1000))]
         if round_robin:
             options.append(("grpc.lb_policy_name", "round_robin"))
         if self._tls is not None and self._tls.server_name:

@@ -177,13 +177,41 @@ def test_model_infer_errors_over_kserve_api(channel):
     assert not stub.ModelReady(ipb.ModelReadyRequest(name="nope")).ready
 
 
+class _HoldFirstBatch:
+    """Wraps a batcher's worker step: the first batch the worker thread computes waits (bounded)
+    until ``queued`` requests wait behind it, so the next batches are certain to hold several
+    requests however the machine schedules the client's sends (a busy machine can space 64
+    "concurrent" requests so that each finds the model idle)."""
+
+    def __init__(self, batcher, queued: int, limit_s: float = 30.0) -> None:
+        self.batcher, self.queued, self.limit_s = batcher, queued, limit_s
+        self.inner, self.held = batcher._process, False
+
+    def __enter__(self):
+        self.batcher._process = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.batcher._process = self.inner
+
+    def __call__(self, x):
+        if not self.held and threading.current_thread().name.startswith("ort-"):
+            self.held = True  # never on the event loop thread (an inline batch): it would block
+            deadline = time.monotonic() + self.limit_s
+            while len(self.batcher._queue) < self.queued and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return self.inner(x)
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, stub, digits_repo):
     before = scrape_metrics(server.metrics_port)
     xs = [images(None, seed=100 + i) for i in range(64)]
     want = reference_logits(digits_repo, np.stack(xs))
-    futures = [stub.Classify.future(cpb.ClassifyRequest(model=MODEL, images=tensor(x), top_k=10),
-                                    timeout=20) for x in xs]  # 64 in flight at once
-    results = [f.result() for f in futures]
+    with _HoldFirstBatch(server.server.repository.get(MODEL).batcher, queued=32) as hold:
+        futures = [stub.Classify.future(cpb.ClassifyRequest(model=MODEL, images=tensor(x), top_k=10),
+                                        timeout=60) for x in xs]  # 64 in flight at once
+        results = [f.result() for f in futures]
+    assert hold.held
     for i, resp in enumerate(results):
         got = {t.index: t.logit for t in resp.predictions[0].top}
         assert [got[j] for j in range(10)] == pytest.approx(want[i], abs=1e-4)
