@@ -12,10 +12,11 @@ model floors (``bench.echo_server --batching --model`` at N = 64: batching + ORT
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from bench.common import PROVIDERS, Row, Sizes
-from bench.procs import echo_server, load, real_server, warm
+from bench.procs import echo_server, real_server, warm
 from bench.serving import GATED_N, MAX_BATCH, _rounds, raw_ort_seconds, spread
 
 log = logging.getLogger("bench.kserve")
@@ -44,8 +45,14 @@ def _pair_rows(bench: str, label: str, s: dict, e: dict, *, target: float | None
     return rows
 
 
+#: Shortest window per side (seconds): a tritonclient process needs a moment to reach speed, and
+#: --smoke's 0.3 s would leave rounds of 50 ms with no answer at all on a loaded machine.
+MIN_DURATION_S = 1.2
+
+
 def bench_infer(repo: Path, sizes: Sizes) -> list[Row]:
     rows: list[Row] = []
+    sizes = replace(sizes, duration_s=max(sizes.duration_s, MIN_DURATION_S))
     dev = {"device": sizes.device}
     shape = sizes.shape
     top_n = max(sizes.infer_concurrencies)

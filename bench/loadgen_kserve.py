@@ -37,8 +37,7 @@ def _images(args: argparse.Namespace) -> np.ndarray:
 
 
 class _Window:
-    """The measured window and request budget shared by every caller (thread-safe enough: the
-    budget is only a stop condition, a request more or less does not matter)."""
+    """The measured window and request budget shared by every caller (coroutines or threads)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.t0 = time.perf_counter()
@@ -51,11 +50,12 @@ class _Window:
         self.lock = threading.Lock()
 
     def go(self) -> bool:
-        if time.perf_counter() >= self.end or self.left == 0:
-            return False
-        if self.left > 0:
-            self.left -= 1
-        return True
+        with self.lock:  # threads share the budget: two must not both take its last request
+            if time.perf_counter() >= self.end or self.left == 0:
+                return False
+            if self.left > 0:
+                self.left -= 1
+            return True
 
     def done(self, began: float) -> None:
         now = time.perf_counter()

@@ -1,7 +1,8 @@
 """``python -m bench.run [--full] [--only NAMES]``: run the benchmarks, print one table, write
 ``bench/results/<date>-<host-kind>.json`` and ``bench/results/SUMMARY.md``.
 
-Quick (default) finishes in < 3 min on 2 cores; ``--full`` uses longer windows and bigger audits;
+Quick (default) takes a few minutes on 2 cores (``infer``, the KServe rows, ~2 of them); ``--full``
+uses longer windows and bigger audits;
 ``--smoke`` is a seconds-long run on the digits MLP for the smoke test (writes to ``--out``).
 """
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _merge(parts: list[dict]) -> dict:
 
 def spread(num: list[float], den: list[float]) -> str:
     """``num/den`` round by round, as "per-round 0.62-0.74x": how much the machine moved."""
-    ratios = [a / b for a, b in zip(num, den)]
+    ratios = [a / b for a, b in zip(num, den) if b]  # a round without answers has no ratio
     return f"per-round {min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "no rounds"
 
 

@@ -72,7 +72,11 @@ class AttackSpec:
 
     @property
     def display(self) -> str:
-        return self.label or self.attack
+        if self.label:
+            return self.label
+        method = self.params.get("method") if self.attack == "certify" else None
+        # certify with method=crown (issue 27) is "certify:crown", so both methods fit in one suite
+        return f"{self.attack}:{method}" if method not in (None, "ibp") else self.attack
 
     def to_dict(self) -> dict:
         return {"attack": self.attack, "params": dict(self.params), "eps": self.eps, "label": self.display}

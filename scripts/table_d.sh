@@ -17,11 +17,12 @@ COMMON="--arch pfe_cnn --threads 1 --no-progress"
 
 train_args() {
   case "$1" in
-    mnist5k_cnn_ibp)      echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.3 --epochs 50 --cert-warmup 3 --cert-ramp 32 --lr 5e-4" ;;
-    mnist5k_cnn_crownibp) echo "--dataset mnist5k --defense none --certified crown-ibp --cert-eps 0.3 --epochs 12 --cert-warmup 1 --cert-ramp 5 --lr 5e-4" ;;
-    mnist5k_pfe_ibp)      echo "--dataset mnist5k --defense pfe --certified ibp --cert-eps 0.3 --pfe-stages 4,4,22 --cert-warmup 1 --cert-ramp 14 --cert-pfe-margin 1.0 --lr 5e-4" ;;
-    fmnist_cnn_ibp)       echo "--dataset fmnist --limit-train 6000 --defense none --certified ibp --cert-eps 0.1 --epochs 16 --cert-warmup 1 --cert-ramp 9 --lr 5e-4" ;;
-    fmnist_pfe_ibp)       echo "--dataset fmnist --limit-train 6000 --defense pfe --certified ibp --cert-eps 0.1 --pfe-stages 2,2,10 --cert-warmup 1 --cert-ramp 5 --cert-pfe-margin 1.0 --lr 5e-4" ;;
+    mnist5k_cnn_ibp)      echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.3 --epochs 40 --cert-warmup 2 --cert-ramp 30 --lr 5e-4" ;;
+    mnist5k_cnn_ibp_eps01) echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.1 --epochs 10 --cert-warmup 1 --cert-ramp 6 --lr 5e-4" ;;
+    mnist5k_cnn_crownibp) echo "--dataset mnist5k --defense none --certified crown-ibp --cert-eps 0.3 --epochs 12 --cert-warmup 1 --cert-ramp 5 --lr 5e-4 --cert-init default --cert-clip 0" ;;
+    mnist5k_pfe_ibp)      echo "--dataset mnist5k --defense pfe --certified ibp --cert-eps 0.3 --pfe-stages 2,2,16 --cert-warmup 1 --cert-ramp 12 --cert-pfe-margin 1.0 --lr 5e-4" ;;
+    fmnist_cnn_ibp)       echo "--dataset fmnist --limit-train 6000 --defense none --certified ibp --cert-eps 0.1 --epochs 16 --cert-warmup 1 --cert-ramp 10 --lr 5e-4" ;;
+    fmnist_pfe_ibp)       echo "--dataset fmnist --limit-train 6000 --defense pfe --certified ibp --cert-eps 0.1 --pfe-stages 2,2,10 --cert-warmup 1 --cert-ramp 6 --cert-pfe-margin 1.0 --lr 5e-4" ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
@@ -41,10 +42,10 @@ package() {
     nice -n 10 "$BIN/dcs" export "$RUNS/$name" --repo "$REPO" --name "$name" --version 1
   fi
   nice -n 10 "$BIN/dcs" evaluate "$REPO/$name/1" --dataset "$ds" --suite "$OUT/configs/suite_$ds.yaml" \
-    --limit "${TABLE_D_LIMIT:-1000}" --seed 0 --out "$OUT/reports/$name" --no-progress
+    --limit "${TABLE_D_LIMIT:-500}" --seed 0 --out "$OUT/reports/$name" --no-progress
 }
 
-MODELS="mnist5k_cnn_ibp mnist5k_cnn_crownibp mnist5k_pfe_ibp fmnist_cnn_ibp fmnist_pfe_ibp"
+MODELS="mnist5k_cnn_ibp mnist5k_cnn_ibp_eps01 mnist5k_cnn_crownibp mnist5k_pfe_ibp fmnist_cnn_ibp fmnist_pfe_ibp"
 case "${1:-all}" in
   train) train "$2" ;;
   package) package "$2" ;;

@@ -29,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 DIST = "defended-classifier-service"
@@ -66,7 +67,7 @@ def run(cmd: list[str], *, cwd: Path | None = None, env: dict | None = None,
     res = subprocess.run(cmd, cwd=cwd, env=env, text=True, check=False,
                          capture_output=capture or None)
     if res.returncode != 0:
-        tail = ((res.stdout or "") + (res.stderr or ""))[-4000:]
+        tail = ((res.stdout or "") + (res.stderr or ""))[-12000:]
         raise SystemExit(f"FAILED ({res.returncode}): {' '.join(map(str, cmd))}\n{tail}")
     return res
 
@@ -168,7 +169,7 @@ def build(work: Path) -> tuple[Path, Path]:
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry).decode()
     for script in SCRIPTS:
-        if not re.search(rf"^{re.escape(script)} = dcs\.", scripts, re.M):
+        if not re.search(rf"^{re.escape(script)} = dcs\.", scripts, re.MULTILINE):
             raise SystemExit(f"wheel's entry_points.txt lacks {script}: {scripts}")
     log(f"built {wheel.name} ({len(names)} files, {wheel.stat().st_size // 1024} KiB) "
         f"and {sdist.name}")
@@ -183,8 +184,12 @@ def copy_tests(work: Path) -> Path:
     return dest
 
 
+PYTEST_EXTRA: list[str] = []
+
+
 def run_tests(venv: Venv, tests_dir: Path, files: tuple[str, ...], *extra: str) -> None:
-    args = [str(venv.python), "-m", "pytest", "-q", *[f"tests/{f}" for f in files], *extra]
+    args = [str(venv.python), "-m", "pytest", "-q", *[f"tests/{f}" for f in files], *extra,
+            *PYTEST_EXTRA]
     res = run(args, cwd=tests_dir, env=clean_env(), capture=True)
     log(res.stdout.strip().splitlines()[-1])
 
@@ -286,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("-k", dest="keyword", help="only the tests pytest -k selects (debugging)")
     args = parser.parse_args(argv)
+    if args.keyword:
+        PYTEST_EXTRA[:] = ["-k", args.keyword]
     work = Path(tempfile.mkdtemp(prefix="dcs-test-deps-"))
     start = time.monotonic()
     try:

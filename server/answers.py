@@ -8,6 +8,10 @@ answers with bytes: the package's ``ModelRef`` field, and per image one slice of
 framed as a ``Prediction``. The wire format is protobuf's own (field tags, varint lengths,
 little-endian fixed32 floats), so clients parse it with the generated classes like any other
 response; ``tests/test_answers.py`` checks it against upb's encoding of the same message.
+
+KServe v2 ``ModelInfer`` answers (``InferAnswers``) are built the same way: the package's
+``model_name``/``model_version`` and the output tensor's header are encoded once, the raw
+contents are a slice of the batch's logits bytes, so the handler joins four pieces of bytes.
 """
 from __future__ import annotations
 
@@ -128,7 +132,7 @@ class InferAnswers:
     ``head``: the serialized ``model_name`` and ``model_version`` fields; per batch size ``n``
     the framed ``InferOutputTensor`` (name, FP32, shape ``[n, C]``), serialized once by the
     generated class and cached. The raw contents are a slice of the batch's logits bytes, which
-    the batch worker writes once (``BatchScores.logits_raw``): per request the handler only joins
+    the batch makes once (``BatchScores.logits_raw``, in the worker): per request the handler only joins
     bytes (``tests/test_answers.py`` checks the result against upb's encoding of the same message).
     """
 

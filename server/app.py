@@ -68,7 +68,7 @@ class Server:
                        metrics=self.metrics, inline_compute_ms=self.config.inline_compute_ms,
                        overlap=self.config.batch_overlap == "on",
                        niceness=self.config.worker_niceness,
-                       inline_lone_ms=self.config.inline_lone_ms, alone=self._guard.alone,
+                       inline_lone_ms=self.config.inline_lone_ms,
                        process=functools.partial(score_batch, runtime.run,
                                                  encode=classify_answers(runtime).encode))
 

@@ -68,13 +68,8 @@ class Batcher:
                  inline_compute_ms: float = 0.0, overlap: bool = False,
                  process: Callable[[np.ndarray], Any] | None = None, niceness: int = 0,
                  inline_lone_ms: float = 0.0,
-                 compute_clock: Callable[[], float] = time.perf_counter,
-                 alone: Callable[[], bool] | None = None) -> None:
+                 compute_clock: Callable[[], float] = time.perf_counter) -> None:
         self.runtime = runtime
-        #: ``alone()``: no other request is being handled by the whole server right now (the
-        #: server passes its RPC counter). Lets ``submit`` compute a lone request at once.
-        self._alone = alone
-        self._idle_first = False  # the batch loop waits in ``_first`` for a request
         #: times each batch's compute (the cost the inline rules compare); tests pass a fake one
         self._compute_clock = compute_clock
         self.overlap = overlap
@@ -138,9 +133,6 @@ class Batcher:
             raise QueueFull(
                 f"queue for model {self._name!r} is full ({self.max_queue} requests waiting, "
                 f"--max-queue={self.max_queue}); retry with backoff")
-        if self._alone is not None and self._idle_first and self._last_items == 1 \
-                and not self._queue and self._alone() and self.inline(len(x), lone=True):
-            return self._run_now(x)
         item = _Item(x, asyncio.get_running_loop().create_future())
         self._queue.append(item)
         self._queued += item.n
@@ -258,28 +250,9 @@ class Batcher:
 
     async def _first(self) -> _Item:
         """The oldest queued request, waiting for one to arrive if the queue is empty."""
-        self._idle_first = True
-        try:
-            while not self._queue:
-                await self._arrival(None, 1)
-        finally:
-            self._idle_first = False
+        while not self._queue:
+            await self._arrival(None, 1)
         return self._pop()
-
-    def _run_now(self, x: np.ndarray) -> Any:
-        """A lone request computed in its own handler, on the loop: the batch loop is idle, the
-        previous batch held one request, nothing is queued and the server handles no other
-        request (``alone``), so nobody waits for the loop and no batch could form. Same rule as
-        ``inline(lone=True)``, minus the loop's round trips through the batch task (submit →
-        wake the batch loop → batch task → answer: three loop iterations). Raises what the
-        model raises, as a batch of one does."""
-        self._m_queue.observe(0.0)
-        self._m_batch.observe(len(x))
-        out, seconds = self._timed_run(x)
-        self._m_compute.observe(seconds)
-        per = seconds / len(x)
-        self._per_example_s = 0.8 * self._per_example_s + 0.2 * per  # inline() needed it set
-        return out[0:len(x)]
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

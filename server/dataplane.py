@@ -4,13 +4,13 @@ Servicers translate protobuf to these calls and back; nothing here knows about g
 """
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from dcs.server.batcher import BatcherClosed
 from dcs.server.errors import InvalidInput, ModelNotFound, NotReady
 from dcs.server.interceptor import current_model
@@ -28,22 +28,79 @@ class TopK:
     logits: np.ndarray   # [N, k] float32
 
 
-@dataclass(slots=True)
 class BatchScores:
-    """A batch's model output, post-processed once per batch in the model's worker thread.
+    """A batch's model output, post-processed once per batch.
 
-    Ranking, the [0, 1] check and (when the server asks) the encoded classify answers are
-    computed over the whole batch there instead of per request on the event loop
-    (bench/analysis.md). ``batch[a:b]`` is one request's rows.
+    In the model's worker thread everything is computed up front (``eager``): ranking, the
+    [0, 1] check, the encoded classify answers and the logits bytes, over the whole batch there
+    instead of per request on the event loop (bench/analysis.md). A batch computed on the event
+    loop itself (a lone request, small batches) computes the ranking, the encoding and the bytes
+    only when a request asks for them: a ModelInfer answer needs the bytes alone, and at one
+    image the rest costs about half of what the model does (bench/analysis.md, session 8).
+    ``batch[a:b]`` is one request's rows.
     """
-    logits: np.ndarray         # [N, C] float32, as the model returned them
-    order: np.ndarray          # [N, C] class indices by descending probability (stable)
-    probs: np.ndarray          # [N, C] float32 probabilities in that order
-    ranked_logits: np.ndarray  # [N, C] float32 logits in that order
-    in_range: np.ndarray       # [N] bool: the input row was finite and within [0, 1]
-    all_in_range: bool         # in_range.all(), so a request of a clean batch skips the check
-    encoded: Any = None        # what ``score_batch``'s ``encode`` made of the ranking, if any
-    logits_raw: bytes = b""    # ``logits`` as little-endian float32 bytes, row-major (ModelInfer)
+
+    __slots__ = ("_encode", "_encoded", "_order", "_probs", "_ranked", "_raw", "all_in_range",
+                 "in_range", "logits")
+
+    def __init__(self, logits: np.ndarray, in_range: np.ndarray,
+                 encode: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None,
+                 eager: bool = True) -> None:
+        self.logits = logits          # [N, C] float32, as the model returned them
+        self.in_range = in_range      # [N] bool: the input row was finite and within [0, 1]
+        self.all_in_range = bool(in_range.all())  # a request of a clean batch skips the check
+        self._encode = encode
+        self._order = self._probs = self._ranked = self._encoded = None
+        self._raw: bytes | None = None
+        if eager:
+            self._rank()
+            self.encoded  # noqa: B018 - computed now, in the worker
+            self.logits_raw  # noqa: B018
+
+    def _rank(self) -> None:
+        logits = self.logits
+        z = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        order = np.argsort(-p, axis=1, kind="stable")
+        self._probs = np.take_along_axis(p, order, 1)
+        self._ranked = np.take_along_axis(logits, order, 1)
+        self._order = order
+
+    @property
+    def order(self) -> np.ndarray:
+        """[N, C] class indices by descending probability (stable)."""
+        if self._order is None:
+            self._rank()
+        return self._order
+
+    @property
+    def probs(self) -> np.ndarray:
+        """[N, C] float32 probabilities in ``order``."""
+        if self._order is None:
+            self._rank()
+        return self._probs
+
+    @property
+    def ranked_logits(self) -> np.ndarray:
+        """[N, C] float32 logits in ``order``."""
+        if self._order is None:
+            self._rank()
+        return self._ranked
+
+    @property
+    def encoded(self) -> Any:
+        """What ``score_batch``'s ``encode`` made of the ranking (None without one)."""
+        if self._encoded is None and self._encode is not None:
+            self._encoded = self._encode(self.order, self._probs, self._ranked)
+        return self._encoded
+
+    @property
+    def logits_raw(self) -> bytes:
+        """``logits`` as little-endian float32 bytes, row-major (ModelInfer's raw output)."""
+        if self._raw is None:
+            self._raw = np.ascontiguousarray(self.logits, dtype="<f4").tobytes()
+        return self._raw
 
     def __len__(self) -> int:
         return len(self.logits)
@@ -94,23 +151,19 @@ def score_batch(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
                 encode: Callable[[np.ndarray, np.ndarray, np.ndarray], Any] | None = None
                 ) -> BatchScores:
     """Run the model on ``x`` and rank every row's classes; flags rows outside [0, 1] or NaN.
-    ``encode(order, probs, ranked_logits)``, if given, is stored as ``encoded``.
+    ``encode(order, probs, ranked_logits)``, if given, is stored as ``encoded``. Called on the
+    event loop's thread (a batch computed inline), ranking and encoding wait until a request
+    asks for them.
 
     The model runs first: the worker picks a batch up just as the event loop is busy answering
     the previous one, and numpy's checks release the GIL, which the worker then waits to get
     back (0.85 ms per batch of 128 in bench/, 8% of its time). After the model the loop is idle.
     """
     logits = np.asarray(run(x), dtype=np.float32)
-    in_range = _rows_in_range(x)
-    z = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    order = np.argsort(-p, axis=1, kind="stable")
-    probs = np.take_along_axis(p, order, 1)
-    ranked = np.take_along_axis(logits, order, 1)
-    return BatchScores(logits, order, probs, ranked, in_range, bool(in_range.all()),
-                       encode(order, probs, ranked) if encode is not None else None,
-                       np.ascontiguousarray(logits, dtype="<f4").tobytes())
+    # in a worker thread (no event loop running there) compute everything now; on the loop only
+    # what the batch's requests ask for
+    return BatchScores(logits, _rows_in_range(x), encode,
+                       eager=asyncio._get_running_loop() is None)
 
 
 class DataPlane:

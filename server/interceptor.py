@@ -112,10 +112,6 @@ class ErrorInterceptor:
             if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63: faster lookup
                 server.add_registered_method_handlers(service, wrapped)
 
-    def alone(self) -> bool:
-        """At most one unary RPC of ours is being handled (the caller's own): nobody else waits."""
-        return self._unary_inflight <= 1
-
     async def wait_unary_idle(self) -> None:
         """Return once no unary RPC of ours is being handled (used by the graceful stop)."""
         while self._unary_inflight:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from dcs.proto import classifier_pb2 as cpb
 from dcs.proto import classifier_pb2_grpc as cpb_grpc
 from dcs.proto import grpc_predict_v2_pb2 as ipb
@@ -186,7 +185,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
         or the classification extension's strings with ``class_count``).
 
         The answer is bytes: the package's pre-encoded head and output tensor plus a slice of the
-        batch's logits, written once per batch by the model's worker (``server.answers``)."""
+        batch's logits bytes, made once per batch (``server.answers``, ``BatchScores.logits_raw``)."""
         version = request.model_version
         served = self._dp.get_model(request.model_name, _version(version) if version else 0)
         inputs = request.inputs
@@ -211,8 +210,7 @@ class InferenceServicer(ipb_grpc.GRPCInferenceServiceServicer):
         ks = _wanted(request.outputs) if request.outputs else _LOGITS_ONLY
         scored, served = await self._dp.infer(served, x, field="inputs[0]")
         answers = self._answers(served.runtime)
-        raw_logits = scored.batch.logits_raw or np.ascontiguousarray(
-            scored.batch.logits, dtype="<f4").tobytes()
+        raw_logits = scored.batch.logits_raw
         if ks is _LOGITS_ONLY:
             return answers.logits(raw_logits, scored.start, scored.stop, request.id)
         bodies = []

@@ -164,7 +164,8 @@ def test_report_names_attack_and_surrogate_per_input(pfe):
     d = audit(pkg, x, y, _suite(), seed=0).to_dict()
     used = d["adaptive"]["used"]
     cal = d["adaptive"]["calibration"]
-    assert set(cal["kept"]) | set(cal["dropped"]) == set(MEMBERS) and used == cal["kept"]
+    assert set(cal["kept"]) | set(cal["dropped"]) == set(MEMBERS)
+    assert used[0] == "straight-through" and set(used) == {"straight-through", *cal["kept"]}
     pgd = next(r for r in d["results"] if r["label"] == "PGD")
     assert [t["surrogate"] for t in pgd["surrogates"]] == used
     w = d["worst_case"][0]
@@ -185,6 +186,10 @@ def test_sensitivity_warns_straight_through_only_and_passes_adaptive(pfe):
     assert c_ad["status"] == "pass" and "worst case" in c_ad["detail"], c_ad
     assert st["adaptive"]["used"] == [] and not any("surrogates" in r for r in st["results"])
     assert ad["headline"]["robust_accuracy"] <= st["headline"]["robust_accuracy"]
+    # straight-through runs first with the job's own stream: every adaptive row is at most the
+    # straight-through-only row, example by example
+    for r_st, r_ad in zip(st["results"], ad["results"]):
+        assert r_ad["robust_accuracy"] <= r_st["robust_accuracy"], (r_st["label"], r_ad, r_st)
 
 
 def test_sensitivity_check_passes_when_members_agree():

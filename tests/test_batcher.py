@@ -126,52 +126,6 @@ def test_a_lone_client_is_served_on_the_loop_but_company_goes_to_the_worker():
     assert rt.batches == [1] * 6 and all(t.startswith("ort-fake") for t in rt.threads[1:])
 
 
-def _without_waiting(coro):
-    """Run ``coro`` to its end in one step; fails if it suspends (waits for another task)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise AssertionError("submit waited for the batch loop")
-
-
-def test_a_lone_request_on_an_otherwise_idle_server_is_computed_in_its_own_handler():
-    """With ``alone`` (the server's RPC counter) a lone request skips the batch loop: computed
-    in ``submit`` on the loop, its own answer, metrics kept; not when the server handles other
-    requests, nor for the first request (cost unknown), nor with the rule off."""
-    state = {"alone": True}
-
-    async def main(rt, lone_ms):
-        b = _batcher(rt, inline_lone_ms=lone_ms, compute_clock=rt.clock,
-                     alone=lambda: state["alone"])
-        b.start()
-        outs = [await b.submit(_x(0))]  # cost unknown yet: through the batch loop
-        for i in (1, 2):
-            for _ in range(100):  # the batch loop back in its wait for a first request
-                await asyncio.sleep(0)
-            if lone_ms:
-                outs.append(_without_waiting(b.submit(_x(i))))
-            else:
-                outs.append(await b.submit(_x(i)))
-        state["alone"] = False  # others are being handled: the queue, as before
-        outs += await asyncio.gather(b.submit(_x(3)), b.submit(_x(4)))
-        outs.append(await b.submit(_x(5)))  # after a batch of two: not lone
-        await b.close()
-        return outs
-
-    main_thread = threading.current_thread().name
-    rt = FakeRuntime()
-    outs = asyncio.run(main(rt, 1.0))
-    assert [float(o[0, 0]) for o in outs] == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
-    assert rt.batches == [1, 1, 1, 2, 1]
-    assert [t == main_thread for t in rt.threads] == [False, True, True, False, False]
-    state["alone"] = True
-    rt = FakeRuntime()
-    asyncio.run(main(rt, 0.0))  # rule off
-    assert not any(t == main_thread for t in rt.threads)
-
-
 def test_a_bad_example_fails_alone_and_a_full_queue_refuses_at_once():
     rt = FakeRuntime(fail_on=2.0)
 

@@ -5,6 +5,7 @@ never the numbers: targets are measured by ``make bench``, not by timed tests.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,10 +14,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: the ModelInfer rows drive the server with tritonclient (dev extra); left out without it
+TRITON = importlib.util.find_spec("tritonclient") is not None
+
+
 def test_bench_smoke(tmp_path):
     out = tmp_path / "results"
+    only = "classify,infer,batching,gpu" if TRITON else "classify,batching,gpu"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--only", "classify,infer,batching,gpu",
+        [sys.executable, "-m", "bench.run", "--smoke", "--only", only,
          "--out", str(out)], check=False, cwd=ROOT, capture_output=True, text=True, timeout=180,
         env={"DCS_BENCH_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
              "OMP_NUM_THREADS": "1"})
@@ -28,7 +34,7 @@ def test_bench_smoke(tmp_path):
     data = json.loads(files[0].read_text())
     assert data["machine"]["cpus"] and data["machine"]["provider"]
     benches = {r["bench"] for r in data["rows"]}
-    assert {"classify", "infer", "batching", "gpu"} <= benches
+    assert {"classify", "batching", "gpu"} <= benches
     assert not [r for r in data["rows"] if r["figure"] == "benchmark raised"], data["rows"]
     rps = [r for r in data["rows"] if r["bench"] == "classify" and r["unit"] == "req/s"]
     assert rps and all(r["value"] > 0 and r["reference"] > 0 for r in rps)
@@ -36,6 +42,8 @@ def test_bench_smoke(tmp_path):
     assert any("batching floor" in f for f in floors) and any("model floor" in f for f in floors)
     # ModelInfer through tritonclient (aio at N=1 and 8, sync at 8), the model floor, and
     # Classify through the project's Client: every row measured against the echo, no errors
+    if not TRITON:
+        return
     infer = [r for r in data["rows"] if r["bench"] == "infer" and r["unit"] == "req/s"]
     figures = " | ".join(r["figure"] for r in infer)
     for part in ("ModelInfer N=1 (tritonclient.grpc.aio)", "ModelInfer N=8 (tritonclient.grpc)",

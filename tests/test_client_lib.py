@@ -207,6 +207,9 @@ def test_start_audit_validates_locally(client):
 
 
 def test_retries_until_the_server_comes_up(digits_repo, caplog):
+    # Bounded (at most ~2 min of 0.5 s backoffs): a busy machine can take 30 s or more to start
+    # a server process (imports of onnxruntime, grpc, numpy), more than 60 retries cover.
+    retries = 240
     port = free_port()
     target = f"{HOST}:{port}"
     with Client(target, retries=0, timeout_s=2) as c:
@@ -225,12 +228,12 @@ def test_retries_until_the_server_comes_up(digits_repo, caplog):
     thread = threading.Thread(target=start_later)
     try:
         with caplog.at_level(logging.INFO, logger="dcs.clients.client"), \
-                Client(target, retries=60, backoff_s=0.1, max_backoff_s=0.5, timeout_s=5) as c:
+                Client(target, retries=retries, backoff_s=0.1, max_backoff_s=0.5, timeout_s=5) as c:
             thread.start()
             c.models()  # first attempt fails: nothing listens yet; retried until it answers
             models = c.wait_ready(MODEL, timeout_s=60)  # it listens before its models load
         assert [m.name for m in models] == [MODEL] and models[0].ready
-        assert "UNAVAILABLE" in caplog.text and "retry 1/60" in caplog.text
+        assert "UNAVAILABLE" in caplog.text and f"retry 1/{retries}" in caplog.text
     finally:
         thread.join(timeout=30)
         for sp in started:

@@ -132,7 +132,7 @@ def cnn_pkg(tmp_path_factory):
     """A real exported 8x8 CNN package (random weights) with model.crown.onnx."""
     torch.set_num_threads(1)
     res = export_untrained(tmp_path_factory.mktemp("crown-repo"), "cnn", arch="pfe_cnn", defense="none",
-                           input_shape=(1, 8, 8), num_classes=10, seed=0)
+                           input_shape=(1, 8, 8), num_classes=10, seed=0, crown=True)
     return load_package(res.path, CPU), res.path
 
 
@@ -278,11 +278,11 @@ def test_certify_crown_through_the_server_with_its_cost_in_the_limits(cnn_pkg, t
             examples=cpb.UploadedExamples(images=cpb.Tensor(dtype=cpb.FLOAT32, shape=x.shape, data=x.tobytes()),
                                           labels=y.tolist()))
 
-    with start_server_process(repo, "--audit-token-file", str(token), "--max-audit-queries", "300",
+    with start_server_process(repo, "--audit-token-file", str(token), "--max-audit-queries", "700",
                               metrics=False) as sp:
         with grpc.insecure_channel(sp.audit_target) as ch:
             stub = cpb_grpc.AuditStub(ch)
-            with pytest.raises(grpc.RpcError) as err:  # 2 eps x 20 x (2 + 10) crown queries > 300
+            with pytest.raises(grpc.RpcError) as err:  # crown: +2 eps x 20 x 10 queries (940 > 700; ibp 540)
                 stub.StartAudit(request("crown"), metadata=auth, timeout=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max-audit-queries" in err.value.details()
@@ -305,3 +305,17 @@ def test_certify_crown_through_the_server_with_its_cost_in_the_limits(cnn_pkg, t
     by = {(c["method"], round(c["eps"], 6)): c["certified_accuracy"] for c in cert["per_eps"]}
     assert all(by[("crown", e)] >= by[("ibp", e)] for e in (0.01, 0.05))
     assert "interval and CROWN bounds" in job.report_html
+
+
+def test_ibp_init_scales_weights_by_fan_in_and_skips_the_front_end():
+    import math
+
+    from dcs.training.certified import ibp_init
+
+    model, _ = build_untrained("pfe_cnn", "pfe", (1, 12, 12), 10, seed=0)
+    front = model.front_end.conv.weight.clone()
+    names = ibp_init(model)
+    assert "front_end.conv" not in names and torch.equal(model.front_end.conv.weight, front)
+    fc = model.backbone.body[-1]
+    assert float(fc.weight.std()) == pytest.approx(math.sqrt(2 * math.pi) / fc.weight.shape[1], rel=0.3)
+    assert float(fc.bias.abs().max()) == 0.0

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from dcs.clients.client import Client
+
 from tests.server_helpers import ROOT, start_server_process
 
 MODEL = "digits-mlp"
+pytest.importorskip("tritonclient.grpc")  # the dev extra; the child below needs it
 
 # tritonclient's stubs define the same ``inference.*`` protobuf symbols as ours: it runs in a child.
 TRITON = r"""

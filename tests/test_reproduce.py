@@ -24,7 +24,7 @@ def test_presets_are_data_and_rows_select():
     assert {"A-fmnist-none", "A-fmnist-advtrain", "A-fmnist-pfe", "A-mnist5k-pfe", "B-baseline",
             "B-learned-3", "B-tv-1e-05"} <= set(ids)
     pfe = next(r for r in quick["rows"] if r["id"] == "A-fmnist-pfe")
-    assert pfe["twins"] == ["bpda", "exact"]
+    assert pfe["twins"] == ["bpda", "bpda-st", "exact"]  # adaptive, straight-through only (issue 25), no BPDA
     alphas = {r["id"]: r["train"]["alpha"] for r in quick["rows"] if r["id"].startswith("B-learned")}
     assert alphas == {"B-learned-3": 1e-5, "B-learned-5": 0.1, "B-learned-7": 0.1}
     assert full["table_a"]["pgd_paper"] == {"steps": 100, "restarts": 20, "step_ratio": 0.1}
@@ -47,7 +47,7 @@ def test_tiny_pipeline_writes_results_and_caches(tmp_path: Path):
     # tables, configs, sha256s
     tables = json.loads((out / "tables.json").read_text())
     grads = {r["gradient"] for r in tables["table_a"]}
-    assert grads == {"with BPDA", "without BPDA (true zero gradient)"}
+    assert grads == {"with BPDA, adaptive", "without BPDA (true zero gradient)"}
     for r in tables["table_a"]:
         assert 0 <= r["worst_case"] <= min(r[c] for c in ("FGSM", "BIM", "PGD (paper)", "APGD-CE")) <= r["clean"]
         assert r["checks"]  # gradient-masking checks ran

@@ -127,3 +127,24 @@ def batch_terms(cert: CertifiedLoss, model: nn.Module, cfg, x: Tensor, y: Tensor
         return (lambda ce: ce), extra
     robust, _ = cert(x, y, probe["logits"], eps, beta)
     return (lambda ce: kappa * ce + (1.0 - kappa) * robust), extra
+
+
+def ibp_init(model: nn.Module) -> list[str]:
+    """Shi et al. 2021 ("Fast certified robust training with short warmup") initialization: every
+    Conv2d/Linear weight ~ N(0, (√(2π)/fan_in)²), biases 0, so that interval widths neither explode
+    nor vanish through the layers at the start of training. The ℓ1-normalized front-end conv is left
+    alone (its scale is normalized away). Returns the names of the layers re-initialized."""
+    import math
+
+    from dcs.training.models.layers import L1NormalizedConv2d
+
+    done = []
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, L1NormalizedConv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in)
+                if m.bias is not None:
+                    m.bias.zero_()
+                done.append(name)
+    return done

@@ -137,6 +137,8 @@ class TrainConfig:
     cert_ramp: float | None = None
     cert_kappa: float = 0.5
     cert_pfe_margin: float = 0.0
+    cert_init: str = "ibp"  # "ibp": Shi et al. 2021 initialization for certified runs; "default": torch's
+    cert_clip: float = 10.0  # gradient-norm clip in certified runs (0 = off)
 
     def validate(self) -> TrainConfig:
         _choice("arch", self.arch, ARCHS)
@@ -149,6 +151,8 @@ class TrainConfig:
         if not 0 <= self.cert_kappa <= 1:
             raise ConfigError(f"cert_kappa must be in [0, 1], got {self.cert_kappa}")
         _nonneg("cert_pfe_margin", self.cert_pfe_margin)
+        _choice("cert_init", self.cert_init, ("ibp", "default"))
+        _nonneg("cert_clip", self.cert_clip)
         if self.certified != "none" and (self.adv.enabled or self.defense.kind == "advtrain"):
             raise ConfigError("certified training and adversarial training cannot be combined")
         _choice("device", self.device, DEVICES)

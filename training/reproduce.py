@@ -501,7 +501,9 @@ def _eval_dir(work: Path, row: dict, key: str) -> Path:
 
 def _copy_report(_pkg: Path, row: dict, twin: str, work: Path, out: Path) -> None:
     """Copy the audit's report.json (smaller than the HTML) into results/<preset>/reports/."""
-    cands = sorted((work / "eval").glob(f"{row['id']}-{twin}-*/report.json"), key=lambda p: p.stat().st_mtime)
+    cands = sorted((p for p in (work / "eval").glob(f"{row['id']}-{twin}-*/report.json")
+                    if p.parent.name.rsplit("-", 1)[0] == f"{row['id']}-{twin}"),  # not bpda-st for bpda
+                   key=lambda p: p.stat().st_mtime)
     if cands:
         atomic_write_text(out / "reports" / f"{row['id']}.{twin}.json", cands[-1].read_text())
 

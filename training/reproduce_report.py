@@ -84,9 +84,11 @@ def write_tables(preset: dict, rows: list[dict], results: dict, out: Path) -> Pa
                   f"{p['steps']} steps of step ε·{p['step_ratio']:g}, {p['restarts']} restarts, per-example best "
                   f"restart. APGD-CE {ta['apgd_ce']['steps']} steps, APGD-DLR {ta['apgd_dlr']['steps']} steps, Square "
                   f"{ta['square']['n_queries']} queries (score-only). Worst case: per example over all six. Rows of "
-                  "the polarizing front end (PFE) are attacked through the gradient twin *with BPDA* (straight-through "
-                  "saturation) and *without BPDA* (the saturation's true, zero gradient: what a naive evaluation "
-                  "sees). 'train acc' is the training run's accuracy on its test split; 'clean' is on the attacked "
+                  "the polarizing front end (PFE) are attacked *with BPDA, adaptive* (every gradient attack through "
+                  "the saturation's backward surrogates that win a calibration run: straight-through and tanh with "
+                  "τ=0.1..0.01; per-example worst case over attacks and surrogates, issue 25), *with BPDA, "
+                  "straight-through only* (the paper's protocol) and *without BPDA* (the saturation's true, zero "
+                  "gradient: what a naive evaluation sees). 'train acc' is the training run's accuracy on its test split; 'clean' is on the attacked "
                   "examples. Certified: interval-bound certified accuracy at ε."), "",
                   ("| dataset | ε | row | gradient | train acc | clean | FGSM | BIM | PGD (paper) | APGD-CE | APGD-DLR "
                   "| Square | worst case | certified | checks |"),

@@ -251,6 +251,8 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: str | Path, *, resume: bool 
     forward = model.probe
     trainable: tuple[bool, ...] | None = None
     cert = certified.CertifiedLoss(model, cfg.certified) if cfg.certified != "none" else None
+    if cert is not None and cfg.cert_init == "ibp" and not resume:
+        certified.ibp_init(model)  # before any step; a resumed run loads its weights below
     try:
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
@@ -284,6 +286,8 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: str | Path, *, resume: bool 
                     loss, reg = robust(ce) + reg + reg_extra, reg + reg_extra
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cert is not None and cfg.cert_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.cert_clip)
                 optimizer.step()
                 s = state["sums"]
                 k = len(yb)

@@ -249,7 +249,8 @@ def _summary(rep, written) -> None:
     for c in (cert or {}).get("per_eps", []):
         emp = c["empirical_robust_accuracy"]
         unst = c.get("unstable_fraction")
-        lines.append(f"  certified at ε={c['eps']:g}: {100 * c['certified_accuracy']:.1f}% "
+        how = f" ({c['method']})" if len((cert or {}).get("methods") or []) > 1 else ""
+        lines.append(f"  certified{how} at ε={c['eps']:g}: {100 * c['certified_accuracy']:.1f}% "
                      f"(robust accuracy in [{100 * c['certified_accuracy']:.1f}, "
                      f"{'—' if emp is None else f'{100 * emp:.1f}'}]%)"
                      + ("" if unst is None else f", unstable front-end activations {100 * unst:.2f}%"))

@@ -78,6 +78,8 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--cert-ramp", "cert_ramp", _opt_float, "epochs of the linear eps/kappa ramp (50%% of the phase)"),
     ("--cert-kappa", "cert_kappa", _float, "final weight of the natural loss (0.5)"),
     ("--cert-pfe-margin", "cert_pfe_margin", _float, "pfe stage-2 weight of the unstable-activation hinge (0)"),
+    ("--cert-init", "cert_init", str, "certified runs: ibp (Shi et al. 2021 init, default) | default (torch's)"),
+    ("--cert-clip", "cert_clip", _float, "certified runs: gradient-norm clip (10; 0 = off)"),
     ("--epochs", "epochs", _int, "epochs (default 10; pfe: sum of stages, 60)"),
     ("--batch-size", "batch_size", _int, "batch size (64)"),
     ("--lr", "lr", _float, "Adam learning rate (1e-3)"),

@@ -41,10 +41,11 @@ def export_untrained(repo: str | Path, name: str, arch: str = "pfe_cnn",
                      defense: str | dict[str, Any] = "none",
                      input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10,
                      seed: int = 0, version: int | None = None, force: bool = False,
-                     opset: int = DEFAULT_OPSET) -> ExportResult:
+                     opset: int = DEFAULT_OPSET, crown: bool = False) -> ExportResult:
     """Build a random-weight model via ``build_model`` and export it as ``<repo>/<name>/<version>``.
 
-    Returns the :class:`ExportResult` (``.path`` is the package folder).
+    Returns the :class:`ExportResult` (``.path`` is the package folder). ``crown``: also export
+    ``model.crown.onnx`` (off by default: it is the slowest graph to trace).
     """
     model, spec = build_untrained(arch, defense, input_shape, num_classes, seed)
     pkg = PackageSpec(
@@ -55,7 +56,7 @@ def export_untrained(repo: str | Path, name: str, arch: str = "pfe_cnn",
                       "module": type(model).__name__},
         training={"epochs": 0, "seed": seed, "note": "untrained: random weights (test fixture)"},
         opset=opset)
-    return write_package(model, repo, pkg, version=version, force=force)
+    return write_package(model, repo, pkg, version=version, force=force, crown=crown)
 
 
 def write_untrained_run(run_dir: str | Path, arch: str = "pfe_cnn", defense: str = "none",

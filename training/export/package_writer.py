@@ -152,7 +152,7 @@ def _export_crown(model: nn.Module, shape: list[int], out: Path, opset: int) -> 
 
 
 def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
-           bounds: bool | None = None, twin_gradient: str = "bpda") -> dict[str, Any]:
+           bounds: bool | None = None, twin_gradient: str = "bpda", crown: bool = True) -> dict[str, Any]:
     """Export all graphs into ``out`` and write the sealed manifest; returns the manifest."""
     shape = [int(d) for d in spec.input_shape]
     export_model_onnx(model, shape, out / MODEL_FILE, spec.opset)
@@ -176,10 +176,10 @@ def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
             bounds_entry = {"method": "ibp", "norm": "linf", "domain": "eps-ball clipped to [0, 1]",
                             "note": "interval bound propagation: center/radius for affine layers, "
                                     "endpoints for monotone ones (ReLU, max-pool, saturation)"}
-            crown = _export_crown(model, shape, out, spec.opset)
-            if crown is not None:
+            crown_entry = _export_crown(model, shape, out, spec.opset) if crown else None
+            if crown_entry is not None:
                 files.append(CROWN_FILE)
-                bounds_entry["crown"] = crown
+                bounds_entry["crown"] = crown_entry
         except UnsupportedBounds as exc:
             if bounds:
                 raise ExportError(f"cannot build {BOUNDS_FILE}: {exc}") from None
@@ -216,7 +216,8 @@ def _build(model: nn.Module, spec: PackageSpec, version: int, out: Path,
 
 
 def write_package(model: nn.Module, repo: str | Path, spec: PackageSpec, version: int | None = None,
-                  force: bool = False, bounds: bool | None = None, twin_gradient: str = "bpda") -> ExportResult:
+                  force: bool = False, bounds: bool | None = None, twin_gradient: str = "bpda",
+                  crown: bool = True) -> ExportResult:
     """Export ``model`` as ``<repo>/<spec.name>/<version>`` (next free version by default).
 
     ``twin_gradient``: "bpda" (default) traces the saturation layers with their straight-through
@@ -224,7 +225,9 @@ def write_package(model: nn.Module, repo: str | Path, spec: PackageSpec, version
     twin for the "without BPDA" evaluation (the manifest lists them under ``masked_layers``).
 
     ``bounds``: True requires ``model.bounds.onnx``, False skips it, None (default) writes it
-    when every layer has an interval rule and logs a warning otherwise.
+    when every layer has an interval rule and logs a warning otherwise. ``crown`` (default True):
+    also write ``model.crown.onnx`` next to the bounds graph when every layer has a linear rule
+    (issue 27); False skips it (test fixtures, to keep exports fast).
     """
     if twin_gradient not in TWIN_GRADIENTS:
         raise ExportError(f"twin_gradient must be one of {', '.join(TWIN_GRADIENTS)}, got {twin_gradient!r}")
@@ -242,7 +245,7 @@ def write_package(model: nn.Module, repo: str | Path, spec: PackageSpec, version
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=base))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the server may run as another user
-        manifest = _build(model, spec, version, tmp, bounds, twin_gradient)
+        manifest = _build(model, spec, version, tmp, bounds, twin_gradient, crown)
         load_package(tmp, SessionOptions(device="cpu", intra_op_threads=1))  # refuse a bad pair early
         if target.exists():
             if not force:
