@@ -232,7 +232,8 @@ def broken_by(labels_by_job: Sequence[tuple[str, np.ndarray, Sequence[str | None
     return out
 
 
-def check_surrogate_sensitivity(cal: Calibration | None, adaptive: bool, tolerance: float) -> CheckResult:
+def check_surrogate_sensitivity(cal: Calibration | None, adaptive: bool, tolerance: float,
+                                used: Sequence[str] = ()) -> CheckResult:
     """Warn when the surrogates disagree by more than the sample's noise and the headline did
     not take the strongest of them.
 
@@ -259,7 +260,7 @@ def check_surrogate_sensitivity(cal: Calibration | None, adaptive: bool, toleran
     if adaptive:
         return CheckResult(CHECK_NAME, PASS,
                            f"surrogates disagree ({100 * spread:.1f} > {100 * noise:.1f} points; {what}); "
-                           f"the headline is the per-example worst case over {', '.join(cal.kept)} "
+                           f"the headline is the per-example worst case over {', '.join(used or cal.kept)} "
                            f"(at most the minimum, {best} {100 * acc[best]:.1f}%)")
     return CheckResult(CHECK_NAME, WARN,
                        f"surrogates disagree ({100 * spread:.1f} > {100 * noise:.1f} points; {what}) but this "
@@ -350,7 +351,7 @@ class AdaptivePlan:
     def check(self, tolerance: float) -> CheckResult | None:
         if not self.members:
             return None
-        return check_surrogate_sensitivity(self.cal, self._ran, tolerance)
+        return check_surrogate_sensitivity(self.cal, self._ran, tolerance, self.used)
 
     def section(self) -> dict[str, Any] | None:
         """The report's ``adaptive`` section (None for an oracle without a family)."""

@@ -5,6 +5,7 @@ model's worker (``server.answers``), from the same batch output; this ties the t
 together, in single requests and in requests batched with others."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -17,7 +18,10 @@ from dcs.clients.client import Client
 from tests.server_helpers import ROOT, start_server_process
 
 MODEL = "digits-mlp"
-pytest.importorskip("tritonclient.grpc")  # the dev extra; the child below needs it
+# The dev extra; only the child below imports it (importing it here would register tritonclient's
+# ``inference.*`` protobuf symbols beside ours in this process's descriptor pool).
+if importlib.util.find_spec("tritonclient") is None:
+    pytest.skip("tritonclient not installed (dev extra)", allow_module_level=True)
 
 # tritonclient's stubs define the same ``inference.*`` protobuf symbols as ours: it runs in a child.
 TRITON = r"""
