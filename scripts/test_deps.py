@@ -15,6 +15,8 @@ Every environment is a fresh venv in a temporary folder, and the tests run from 
 ``neighbours``  ``[client]`` beside ``proto-plus`` (import name ``proto``) and a distribution that
                 installs top-level ``server``, ``training`` and ``clients`` modules: each imports
                 its own code.
+``train``       ``[train]`` with ``constraints.txt`` (the training install line): ``dcs train`` a PFE on
+                the 8x8 digits, ``dcs export`` it with its gradient twin, ``dcs verify`` the package.
 ``extras``      the resolver's install set (``pip install --dry-run --report``) for ``[server]``
                 and ``[server-gpu]``: exactly one onnxruntime distribution in each.
 """
@@ -270,6 +272,20 @@ def step_neighbours(work: Path, wheel: Path, tests_dir: Path) -> None:
     log(f"proto-plus and top-level server/training/clients import beside dcs: {out.strip()}")
 
 
+def step_train(work: Path, wheel: Path) -> None:
+    venv = Venv(work, "venv-train")
+    venv.pip_install("-c", str(ROOT / "constraints.txt"), f"{wheel}[train]")
+    dcs, run_dir = str(venv.path / "bin" / "dcs"), work / "run"
+    run([dcs, "train", "--dataset", "digits", "--limit-train", "200", "--limit-test", "50",
+         "--defense", "pfe", "--pfe-stages", "1,1,1", "--threads", "1", "--no-progress",
+         "--out", str(run_dir)], cwd=work, env=clean_env(), capture=True)
+    run([dcs, "export", str(run_dir), "--repo", str(work / "models"), "--name", "pfe"], cwd=work,
+        env=clean_env(), capture=True)
+    out = run([dcs, "verify", str(work / "models" / "pfe" / "1"), "--run", str(run_dir)], cwd=work,
+              env=clean_env(), capture=True).stdout
+    log(f"[train]: dcs train, export and verify of a PFE on digits: {out.strip().splitlines()[-1]}")
+
+
 def step_extras(work: Path, wheel: Path) -> None:
     venv = Venv(work, "venv-extras")
     for extra, want, banned in (("server", "onnxruntime", "onnxruntime-gpu"),
@@ -284,7 +300,7 @@ def step_extras(work: Path, wheel: Path) -> None:
         log(f"[{extra}] installs {want} and not {banned} ({len(names)} distributions)")
 
 
-STEPS = ("build", "floors", "latest", "neighbours", "extras")
+STEPS = ("build", "floors", "latest", "neighbours", "train", "extras")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             step_latest(work, wheel, tests_dir)
         if "neighbours" in args.only:
             step_neighbours(work, wheel, tests_dir)
+        if "train" in args.only:
+            step_train(work, wheel)
         if "extras" in args.only:
             step_extras(work, wheel)
     finally:
