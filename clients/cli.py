@@ -17,11 +17,12 @@ bar and errors go to stderr. Every error is one line ``dcsctl: error: ...`` with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -435,13 +436,23 @@ class _OneLine(logging.Formatter):
         return f"{PROG}: note: {record.getMessage()}"
 
 
-def _setup_logging(quiet: bool) -> None:
+@contextlib.contextmanager
+def _logging_to_stderr(quiet: bool) -> Iterator[None]:
+    """Send the library's notes to stderr for one command; the caller's logging is restored
+    afterwards (main() may run in-process, e.g. from tests or another program)."""
+    root = logging.getLogger("dcs.clients")
+    saved = (root.handlers[:], root.level, root.propagate)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
-    root = logging.getLogger("dcs.clients")
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        root.propagate = saved[2]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -458,8 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         except SystemExit as exc:  # --help
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
-        _setup_logging(args.quiet)
-        return COMMANDS[args.command](args)
+        with _logging_to_stderr(args.quiet):
+            return COMMANDS[args.command](args)
     except UsageError as exc:
         return fail(str(exc), EXIT_USAGE)
     except ImageError as exc:

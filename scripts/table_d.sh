@@ -19,7 +19,9 @@ train_args() {
   case "$1" in
     mnist5k_cnn_ibp)      echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.3 --epochs 40 --cert-warmup 2 --cert-ramp 30 --lr 5e-4" ;;
     mnist5k_cnn_ibp_eps01) echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.1 --epochs 10 --cert-warmup 1 --cert-ramp 6 --lr 5e-4" ;;
-    mnist5k_cnn_crownibp) echo "--dataset mnist5k --defense none --certified crown-ibp --cert-eps 0.3 --epochs 12 --cert-warmup 1 --cert-ramp 5 --lr 5e-4 --cert-init default --cert-clip 0" ;;
+    mnist5k_cnn_ibp_long) echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.3 --epochs 80 --cert-warmup 3 --cert-ramp 60 --lr 5e-4" ;;
+    fmnist_cnn_ibp_long)  echo "--dataset fmnist --limit-train 6000 --defense none --certified ibp --cert-eps 0.1 --epochs 50 --cert-warmup 2 --cert-ramp 35 --lr 5e-4" ;;
+    mnist5k_cnn_crownibp) echo "--dataset mnist5k --defense none --certified crown-ibp --cert-eps 0.3 --epochs 12 --cert-warmup 1 --cert-ramp 5 --lr 5e-4" ;;
     mnist5k_pfe_ibp)      echo "--dataset mnist5k --defense pfe --certified ibp --cert-eps 0.3 --pfe-stages 2,2,16 --cert-warmup 1 --cert-ramp 12 --cert-pfe-margin 1.0 --lr 5e-4" ;;
     fmnist_cnn_ibp)       echo "--dataset fmnist --limit-train 6000 --defense none --certified ibp --cert-eps 0.1 --epochs 16 --cert-warmup 1 --cert-ramp 10 --lr 5e-4" ;;
     fmnist_pfe_ibp)       echo "--dataset fmnist --limit-train 6000 --defense pfe --certified ibp --cert-eps 0.1 --pfe-stages 2,2,10 --cert-warmup 1 --cert-ramp 6 --cert-pfe-margin 1.0 --lr 5e-4" ;;
@@ -45,7 +47,7 @@ package() {
     --limit "${TABLE_D_LIMIT:-500}" --seed 0 --out "$OUT/reports/$name" --no-progress
 }
 
-MODELS="mnist5k_cnn_ibp mnist5k_cnn_ibp_eps01 mnist5k_cnn_crownibp mnist5k_pfe_ibp fmnist_cnn_ibp fmnist_pfe_ibp"
+MODELS="mnist5k_cnn_ibp mnist5k_cnn_ibp_long mnist5k_cnn_ibp_eps01 mnist5k_cnn_crownibp mnist5k_pfe_ibp fmnist_cnn_ibp fmnist_cnn_ibp_long fmnist_pfe_ibp"
 case "${1:-all}" in
   train) train "$2" ;;
   package) package "$2" ;;

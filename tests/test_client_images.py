@@ -266,6 +266,16 @@ def test_cli_audit_checks_out_dir_before_calling(tmp_path, capsys):
     assert rc == cli.EXIT_USAGE and "--out" in err and "UNAVAILABLE" not in err
 
 
+def test_cli_in_process_leaves_the_callers_logging_as_it_was(capsys):
+    lib = logging.getLogger("dcs.clients")
+    before = (lib.handlers[:], lib.level, lib.propagate)
+    rc = cli.main(["--target", "127.0.0.1:9", "--retries", "0", "--timeout", "2", "models"])
+    assert rc == cli.EXIT_SERVER, capsys.readouterr().err
+    # A handler bound to the command's stderr would outlive it (pytest closes that stream) and
+    # swallow later records instead of letting them reach the caller's handlers.
+    assert (lib.handlers[:], lib.level, lib.propagate) == before
+
+
 def test_client_imports_without_torch():
     code = ("import sys\n"
             "import dcs.clients, dcs.clients.client, dcs.clients.cli, dcs.clients.images\n"

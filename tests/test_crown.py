@@ -13,16 +13,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dcs.robustness import checks as C  # noqa: E402
-from dcs.robustness.audit import audit  # noqa: E402
-from dcs.robustness.certify import CROWN_QUERY_COST, Certify, CertifyError, best_margins, margins  # noqa: E402
-from dcs.robustness.package import SessionOptions, load_package  # noqa: E402
-from dcs.robustness.suites import AttackSpec, CheckConfig, Suite  # noqa: E402
-from dcs.robustness.testing import digits_package, load_digits_nchw  # noqa: E402
-from dcs.training.export.bounds import UnsupportedBounds, logit_bounds  # noqa: E402
-from dcs.training.export.crown import MarginBounds, margin_lower_bounds, margin_spec  # noqa: E402
-from dcs.training.export.fixtures import build_untrained, export_untrained  # noqa: E402
-from dcs.training.models import set_bpda  # noqa: E402
+from dcs.robustness import checks as C
+from dcs.robustness.audit import audit
+from dcs.robustness.certify import CROWN_QUERY_COST, Certify, CertifyError, best_margins, margins
+from dcs.robustness.package import SessionOptions, load_package
+from dcs.robustness.suites import AttackSpec, CheckConfig, Suite
+from dcs.robustness.testing import digits_package, load_digits_nchw
+from dcs.training.export.bounds import UnsupportedBounds, logit_bounds
+from dcs.training.export.crown import MarginBounds, margin_lower_bounds, margin_spec
+from dcs.training.export.fixtures import build_untrained, export_untrained
+from dcs.training.models import set_bpda
 
 CPU = SessionOptions(device="cpu", intra_op_threads=1)
 TOL = 1e-4
@@ -137,7 +137,7 @@ def cnn_pkg(tmp_path_factory):
 
 
 def test_package_crown_graph_matches_torch_and_certifies_at_least_ibp(cnn_pkg):
-    pkg, path = cnn_pkg
+    pkg, _ = cnn_pkg
     assert pkg.has_crown and pkg.manifest["bounds"]["crown"]["file"] == "model.crown.onnx"
     _, _, x, y = load_digits_nchw()
     x, y = x[:40], y[:40]
@@ -176,7 +176,11 @@ def test_audit_with_both_methods_passes_the_consistency_check(cnn_pkg):
     assert suite.estimate_cost(len(x))[1] >= 3 * len(x) * (2 + CROWN_QUERY_COST)
     # the report draws one certified curve per method over ε, and tables both
     from dcs.robustness.report import html as H
-    from dcs.robustness.report.plots import certified_methods, certified_series, certified_vs_empirical
+    from dcs.robustness.report.plots import (
+        certified_methods,
+        certified_series,
+        certified_vs_empirical,
+    )
 
     assert certified_methods(d) == ["ibp", "crown"]
     assert [round(e, 3) for e in certified_series(d, "crown")["eps"]] == [0.0, 0.01, 0.05]

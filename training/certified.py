@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dcs.training.export.crown import MarginBounds, margin_spec
 from dcs.training.export.bounds import input_interval
+from dcs.training.export.crown import MarginBounds, margin_spec
 
 METHODS = ("none", "ibp", "crown-ibp")
 

@@ -12,12 +12,12 @@ from torch import nn
 
 from dcs.robustness.manifest import (
     EPS_NAME,
-    MARGINS_LOWER_NAME,
     GRAD_NAME,
     INPUT_NAME,
     LABEL_NAME,
     LOGITS_NAME,
     LOWER_NAME,
+    MARGINS_LOWER_NAME,
     TAU_NAME,
     UPPER_NAME,
 )
