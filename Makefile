@@ -52,7 +52,7 @@ test-slow: venv
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: venv
-	$(PY) -m ruff check training server clients robustness tests bench
+	$(PY) -m ruff check training server clients robustness tests bench data scripts dcs
 
 data:
 	@bash scripts/install_data.sh

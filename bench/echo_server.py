@@ -79,16 +79,7 @@ class EchoClassifier(cpb_grpc.ClassifierServicer):
         resp = self._cache.get((n, k))
         if resp is None:
             resp = self._cache[(n, k)] = fixed_response(n, k)
-        if self._batching:
-            loop = asyncio.get_running_loop()
-            if self._queue is None:
-                self._queue = asyncio.Queue()
-                loop.create_task(self._collect())
-            parked = loop.create_future()
-            self._queue.put_nowait((parked, request.images.data))
-            await parked
-        elif self._session is not None:
-            self._run([request.images.data])
+        await self.park(request.images.data)
         return resp
 
     async def park(self, data: bytes) -> None:

@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from dcs.robustness.attacks.base import Attack
+from dcs.robustness.attacks.base import Attack, AttackResult
 from dcs.robustness.checks import PASS, SKIP, WARN, CheckResult
 from dcs.robustness.oracle import surrogates as declared_surrogates
 
@@ -204,21 +204,7 @@ def run_members(attack: Attack, members: Sequence[str], x: np.ndarray, y: np.nda
         todo = todo[~res.success]
     if logits is None:
         logits = np.zeros((n, 0), np.float32)
-    return _Combined(x_adv, logits, success, q, g, wall), by, tally
-
-
-@dataclass
-class _Combined:
-    x_adv: np.ndarray
-    logits: np.ndarray
-    success: np.ndarray
-    queries: int
-    gradients: int
-    wall_s: float
-
-    @property
-    def pred(self) -> np.ndarray:
-        return self.logits.argmax(1)
+    return AttackResult(x_adv, logits, success, q, g, wall), by, tally
 
 
 def broken_by(labels_by_job: Sequence[tuple[str, np.ndarray, Sequence[str | None]]], n: int) -> list[str | None]:

@@ -105,28 +105,29 @@ class CertifyResult:
         return float(self.certified.mean()) if self.status == "ok" and len(self.certified) else None
 
 
-def bounds_unavailable(oracle: Any) -> str | None:
-    """None when ``oracle`` offers sound logit bounds, else the reason it does not."""
-    if not callable(getattr(oracle, "logit_bounds", None)):
-        return f"the oracle ({type(oracle).__name__}) has no logit_bounds"
-    if not getattr(oracle, "has_bounds", False):
+def _graph_unavailable(oracle: Any, call: str, flag: str, missing: str, prefix: str = "") -> str | None:
+    """None when ``oracle`` has the callable ``call`` and ``flag`` set, else why not
+    (``missing``: what the package then lacks, with the user's way out)."""
+    if not callable(getattr(oracle, call, None)):
+        return f"{prefix}the oracle ({type(oracle).__name__}) has no {call}"
+    if not getattr(oracle, flag, False):
         path = getattr(oracle, "path", None)
         where = f" at {path}" if path is not None else ""
-        return (f"the package{where} has no model.bounds.onnx (exported without bounds, or "
-                "loaded with load_bounds=False)")
+        return f"{prefix}the package{where} has no {missing}"
     return None
+
+
+def bounds_unavailable(oracle: Any) -> str | None:
+    """None when ``oracle`` offers sound logit bounds, else the reason it does not."""
+    return _graph_unavailable(oracle, "logit_bounds", "has_bounds", "model.bounds.onnx (exported without "
+                              "bounds, or loaded with load_bounds=False)")
 
 
 def crown_unavailable(oracle: Any) -> str | None:
     """None when ``oracle`` offers CROWN margin bounds, else the reason it does not."""
-    if not callable(getattr(oracle, "margin_bounds", None)):
-        return f"method=crown: the oracle ({type(oracle).__name__}) has no margin_bounds"
-    if not getattr(oracle, "has_crown", False):
-        path = getattr(oracle, "path", None)
-        where = f" at {path}" if path is not None else ""
-        return (f"method=crown: the package{where} has no model.crown.onnx (exported before issue 27 "
-                "or without bounds); re-export it, or use method=ibp")
-    return None
+    return _graph_unavailable(oracle, "margin_bounds", "has_crown", "model.crown.onnx (exported before "
+                              "issue 27 or without bounds); re-export it, or use method=ibp",
+                              prefix="method=crown: ")
 
 
 def saturation_threshold(oracle: Any) -> tuple[float | None, str | None]:

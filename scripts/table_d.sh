@@ -17,14 +17,15 @@ COMMON="--arch pfe_cnn --threads 1 --no-progress"
 
 train_args() {
   case "$1" in
-    mnist5k_cnn_ibp)      echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.3 --epochs 40 --cert-warmup 2 --cert-ramp 30 --lr 5e-4" ;;
+    mnist5k_cnn_ibp)      echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.4 --epochs 50 --cert-warmup 1 --cert-ramp 20 --lr 5e-4" ;;
     mnist5k_cnn_ibp_eps01) echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.1 --epochs 10 --cert-warmup 1 --cert-ramp 6 --lr 5e-4" ;;
     mnist5k_cnn_ibp_long) echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.3 --epochs 80 --cert-warmup 3 --cert-ramp 60 --lr 5e-4" ;;
     fmnist_cnn_ibp_long)  echo "--dataset fmnist --limit-train 6000 --defense none --certified ibp --cert-eps 0.1 --epochs 50 --cert-warmup 2 --cert-ramp 35 --lr 5e-4" ;;
-    mnist5k_cnn_crownibp) echo "--dataset mnist5k --defense none --certified crown-ibp --cert-eps 0.3 --epochs 12 --cert-warmup 1 --cert-ramp 5 --lr 5e-4" ;;
-    mnist5k_pfe_ibp)      echo "--dataset mnist5k --defense pfe --certified ibp --cert-eps 0.3 --pfe-stages 2,2,16 --cert-warmup 1 --cert-ramp 12 --cert-pfe-margin 1.0 --lr 5e-4" ;;
-    fmnist_cnn_ibp)       echo "--dataset fmnist --limit-train 6000 --defense none --certified ibp --cert-eps 0.1 --epochs 16 --cert-warmup 1 --cert-ramp 10 --lr 5e-4" ;;
-    fmnist_pfe_ibp)       echo "--dataset fmnist --limit-train 6000 --defense pfe --certified ibp --cert-eps 0.1 --pfe-stages 2,2,10 --cert-warmup 1 --cert-ramp 6 --cert-pfe-margin 1.0 --lr 5e-4" ;;
+    mnist5k_cnn_crownibp) echo "--dataset mnist5k --defense none --certified crown-ibp --cert-eps 0.4 --epochs 24 --cert-warmup 1 --cert-ramp 8 --lr 5e-4" ;;
+    mnist5k_pfe_ibp)      echo "--dataset mnist5k --defense pfe --certified ibp --cert-eps 0.4 --pfe-stages 2,2,30 --cert-warmup 1 --cert-ramp 12 --cert-pfe-margin 1.0 --lr 5e-4" ;;
+    fmnist_cnn_ibp)       echo "--dataset fmnist --limit-train 12000 --defense none --certified ibp --cert-eps 0.15 --epochs 24 --cert-warmup 1 --cert-ramp 10 --lr 5e-4" ;;
+    fmnist_cnn_ibp_30k)   echo "--dataset fmnist --limit-train 30000 --defense none --certified ibp --cert-eps 0.12 --epochs 14 --cert-warmup 1 --cert-ramp 6 --lr 5e-4" ;;
+    fmnist_pfe_ibp)       echo "--dataset fmnist --limit-train 12000 --defense pfe --certified ibp --cert-eps 0.15 --pfe-stages 2,2,20 --cert-warmup 1 --cert-ramp 8 --cert-pfe-margin 1.0 --lr 5e-4" ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
@@ -43,11 +44,14 @@ package() {
   if [ ! -d "$REPO/$name/1" ]; then
     nice -n 10 "$BIN/dcs" export "$RUNS/$name" --repo "$REPO" --name "$name" --version 1
   fi
+  mkdir -p "$OUT/configs"
+  cp "$RUNS/$name/config.json" "$OUT/configs/train_$name.json"
+  cp "$RUNS/$name/metrics.csv" "$OUT/configs/metrics_$name.csv"
   nice -n 10 "$BIN/dcs" evaluate "$REPO/$name/1" --dataset "$ds" --suite "$OUT/configs/suite_$ds.yaml" \
     --limit "${TABLE_D_LIMIT:-500}" --seed 0 --out "$OUT/reports/$name" --no-progress
 }
 
-MODELS="mnist5k_cnn_ibp mnist5k_cnn_ibp_long mnist5k_cnn_ibp_eps01 mnist5k_cnn_crownibp mnist5k_pfe_ibp fmnist_cnn_ibp fmnist_cnn_ibp_long fmnist_pfe_ibp"
+MODELS="mnist5k_cnn_ibp mnist5k_cnn_crownibp mnist5k_pfe_ibp fmnist_cnn_ibp fmnist_cnn_ibp_30k fmnist_pfe_ibp"
 case "${1:-all}" in
   train) train "$2" ;;
   package) package "$2" ;;

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from dcs.server.batcher import BatcherClosed
 from dcs.server.errors import InvalidInput, ModelNotFound, NotReady
 from dcs.server.interceptor import current_model

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+
 from dcs.proto import classifier_pb2 as cpb
 from dcs.proto import classifier_pb2_grpc as cpb_grpc
 from dcs.proto import grpc_predict_v2_pb2 as ipb

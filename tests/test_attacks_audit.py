@@ -7,7 +7,13 @@ import textwrap
 import pytest
 
 from dcs.robustness.attacks.toy_oracles import ArrayOracle
-from dcs.robustness.audit import AuditBudgetExceeded, AuditCancelled, AuditError, ProgressEvent, audit
+from dcs.robustness.audit import (
+    AuditBudgetExceeded,
+    AuditCancelled,
+    AuditError,
+    ProgressEvent,
+    audit,
+)
 from dcs.robustness.report import strip_nondeterministic
 from dcs.robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite, load_suite
 from dcs.robustness.testing import fit_mlp, load_digits_nchw

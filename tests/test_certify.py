@@ -15,7 +15,13 @@ from dcs.robustness import checks as C
 from dcs.robustness.attacks import REGISTRY, BudgetExceeded, Stopped
 from dcs.robustness.attacks.toy_oracles import ArrayOracle
 from dcs.robustness.audit import AuditBudgetExceeded, audit
-from dcs.robustness.certify import DEFAULT_PFE_C, Certify, bounds_unavailable, certified_mask, margins
+from dcs.robustness.certify import (
+    DEFAULT_PFE_C,
+    Certify,
+    bounds_unavailable,
+    certified_mask,
+    margins,
+)
 from dcs.robustness.package import SessionOptions, load_package
 from dcs.robustness.report import comparison_table, write_report
 from dcs.robustness.report.plots import certified_vs_empirical

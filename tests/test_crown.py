@@ -227,6 +227,37 @@ def test_certified_loss_equals_ce_at_eps0_and_bounds_it_above():
         robust.backward()
 
 
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_certified_loss_gradient_matches_finite_differences(method):
+    """Certified training needs the bound's full gradient, including its width through |W|
+    (a detached |W| once left only the centres trainable: every IBP run collapsed)."""
+    from dcs.training.certified import CertifiedLoss
+
+    model, _ = build_untrained("pfe_cnn", "none", (1, 8, 8), 10, seed=5)
+    model = model.double()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 1, 8, 8, generator=gen, dtype=torch.float64), torch.tensor([0, 3, 5, 9])
+    loss = CertifiedLoss(model, method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    directions = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+
+    def robust() -> torch.Tensor:
+        return loss(x, y, model(x), 0.1, 0.5)[0]
+
+    model.zero_grad()
+    robust().backward()
+    analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, directions))
+    h = 1e-8
+    with torch.no_grad():
+        for p, d in zip(params, directions):
+            p.add_(h * d)
+        plus = float(robust())
+        for p, d in zip(params, directions):
+            p.sub_(2 * h * d)
+        minus = float(robust())
+    assert analytic == pytest.approx((plus - minus) / (2 * h), rel=1e-4, abs=1e-7)
+
+
 def test_config_rejects_bad_certified_settings():
     from dcs.training.config import ConfigError, TrainConfig
 

@@ -12,12 +12,12 @@ pytest.importorskip("onnxruntime")
 
 from dcs.robustness.manifest import PackageError
 from dcs.robustness.package import SessionOptions, load_package
-from tests.torchless import run_without_torch
 from dcs.training.export import package_writer
 from dcs.training.export.package_writer import ExportError, PackageSpec, write_package
 from dcs.training.export.standins import StandinLISA, StandinPFE
 from dcs.training.export.twin import bpda, reference_loss_grad
 from dcs.training.export.verify import grad_agreement
+from tests.torchless import run_without_torch
 
 CPU = SessionOptions(device="cpu", intra_op_threads=1)
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from dcs.clients.client import Client
-
 from tests.server_helpers import ROOT, start_server_process
 
 MODEL = "digits-mlp"

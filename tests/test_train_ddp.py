@@ -86,8 +86,8 @@ def test_indivisible_global_batch_is_one_line_error(tmp_path, capsys, monkeypatc
 
 
 def test_two_ranks_match_single_process_and_export(tmp_path):
-    from dcs.robustness.package import SessionOptions, load_package
     from dcs.data import load_dataset
+    from dcs.robustness.package import SessionOptions, load_package
     from dcs.training.export.exporter import export_run
 
     ddp, single = tmp_path / "ddp", tmp_path / "single"

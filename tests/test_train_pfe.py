@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from dcs.training.config import DefenseSpec, TrainConfig
 from dcs.data import load_dataset
+from dcs.training.config import DefenseSpec, TrainConfig
 from dcs.training.models import build_model
 from dcs.training.runs import load_trained
 from dcs.training.trainer import train

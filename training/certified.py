@@ -81,7 +81,7 @@ class CertifiedLoss:
 
     def margins(self, x: Tensor, y: Tensor, logits: Tensor, eps: float, beta: float) -> Tensor:
         lo, hi = input_interval(x, torch.tensor([eps], dtype=x.dtype, device=x.device))
-        spec = margin_spec(y, logits.shape[1])
+        spec = margin_spec(y, logits.shape[1], logits.dtype)
         ibp = self.bounds(lo, hi, spec, stop=1 if self.last_is_linear else 0)
         if self.method == "ibp" or beta <= 0:
             return ibp

@@ -123,6 +123,9 @@ def train_step(row: dict, preset: dict, work: Path, steps: Steps, data_cache: di
     for section, name in OFF_OPTIONS:  # options added later do not invalidate runs that lack them
         if not cdict[section].get(name):
             cdict[section].pop(name, None)
+    if cdict.get("certified", "none") == "none":  # likewise certified training's (issue 27) options
+        for name in [k for k in cdict if k == "certified" or k.startswith("cert_")]:
+            cdict.pop(name)
     key = config_hash({"train": cdict, "code": CODE_VERSION})
     out = work / "train" / f"{row['id']}-{key}"
     t0 = time.perf_counter()

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from dcs.data import Dataset
 from dcs.training import certified, runs
 from dcs.training.adversarial import pgd_linf
 from dcs.training.config import ConfigError, TrainConfig
-from dcs.data import Dataset
 from dcs.training.defenses import linf_depthwise_penalty, pfe_b1, pfe_b2, pfe_lambda, tv_penalty
 from dcs.training.distributed import DistContext, DistributedError, check_global_batch, shard
 from dcs.training.models import DefendedNet, build_model, configure_pfe_stage

@@ -55,7 +55,7 @@ def _affine(m: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> Interval:
     out_c = m(center)
     abs_state = {}
     for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-        abs_state[name] = t.detach().abs() if name == "weight" else torch.zeros_like(t)
+        abs_state[name] = t.abs() if name == "weight" else torch.zeros_like(t)
     out_r = torch.func.functional_call(m, abs_state, (radius,))
     return out_c - out_r, out_c + out_r
 

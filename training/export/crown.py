@@ -292,9 +292,9 @@ class MarginBounds(nn.Module):
         return best
 
 
-def margin_spec(y: Tensor, num_classes: int) -> Tensor:
+def margin_spec(y: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """C [N, K, K] with rows e_y − e_j (row y is zero): C·logits = the margins."""
-    eye = torch.eye(num_classes, dtype=torch.float32, device=y.device)
+    eye = torch.eye(num_classes, dtype=dtype, device=y.device)
     return eye[y].unsqueeze(1) - eye.unsqueeze(0)
 
 

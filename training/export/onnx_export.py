@@ -21,7 +21,13 @@ from dcs.robustness.manifest import (
     TAU_NAME,
     UPPER_NAME,
 )
-from dcs.training.export.twin import trace_bounds, trace_forward, trace_probe, trace_twin, trace_twin_smooth
+from dcs.training.export.twin import (
+    trace_bounds,
+    trace_forward,
+    trace_probe,
+    trace_twin,
+    trace_twin_smooth,
+)
 
 log = logging.getLogger(__name__)
 
