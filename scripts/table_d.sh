@@ -27,6 +27,7 @@ train_args() {
     mnist5k_cnn_ibp_e120) echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.4 --epochs 120 --cert-warmup 1 --cert-ramp 40 --lr 5e-4" ;;
     fmnist_cnn_ibp_30k)   echo "--dataset fmnist --limit-train 30000 --defense none --certified ibp --cert-eps 0.12 --epochs 14 --cert-warmup 1 --cert-ramp 6 --lr 5e-4" ;;
     fmnist_pfe_ibp)       echo "--dataset fmnist --limit-train 12000 --defense pfe --certified ibp --cert-eps 0.15 --pfe-stages 2,2,20 --cert-warmup 1 --cert-ramp 8 --cert-pfe-margin 1.0 --lr 5e-4" ;;
+    mnist5k_cnn_ibp_e200) echo "--dataset mnist5k --defense none --certified ibp --cert-eps 0.4 --epochs 200 --cert-warmup 1 --cert-ramp 60 --lr 5e-4 --lr-milestones 150,180" ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
@@ -52,7 +53,7 @@ package() {
     --limit "${TABLE_D_LIMIT:-500}" --seed 0 --out "$OUT/reports/$name" --no-progress
 }
 
-MODELS="mnist5k_cnn_ibp mnist5k_cnn_ibp_long mnist5k_cnn_ibp_e120 mnist5k_cnn_crownibp mnist5k_pfe_ibp fmnist_cnn_ibp fmnist_cnn_ibp_30k fmnist_pfe_ibp"
+MODELS="mnist5k_cnn_ibp mnist5k_cnn_ibp_long mnist5k_cnn_ibp_e120 mnist5k_cnn_ibp_e200 mnist5k_cnn_crownibp mnist5k_pfe_ibp fmnist_cnn_ibp fmnist_cnn_ibp_30k fmnist_pfe_ibp"
 case "${1:-all}" in
   train) train "$2" ;;
   package) package "$2" ;;

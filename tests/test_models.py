@@ -120,6 +120,38 @@ def test_pgd_stays_in_eps_ball():
     assert all(p.grad is None for p in m.parameters())
 
 
+def test_pgd_differentiates_through_the_chosen_surrogate():
+    """One unclipped PGD step from x moves by step·sign(∇) of the surrogate's loss: checked against
+    autograd of a reference model whose saturation *is* the smooth tanh (or the identity)."""
+    import torch.nn.functional as F
+
+    from dcs.training.adversarial import pgd_linf
+    from dcs.training.models.layers import tanh_surrogate
+
+    torch.manual_seed(1)
+    m = build_model("pfe_cnn", DefenseSpec(kind="pfe", pfe_c=0.25), (1, 8, 8), 3).eval()
+    sat = m.front_end.saturation
+    x, y = torch.rand(6, 1, 8, 8) * 0.5 + 0.25, torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def reference_sign(backward):
+        xr = x.clone().requires_grad_(True)
+        z = m.front_end.conv(xr)
+        h = sat(z).detach() + backward(z) - backward(z).detach()  # served forward, surrogate backward
+        F.cross_entropy(m.backbone(h), y).backward()
+        return xr.grad.sign()
+
+    step = 0.01
+    for name, backward in (("straight-through", lambda z: z), ("tanh:0.05", lambda z: tanh_surrogate(z, 0.25, 0.05))):
+        adv = pgd_linf(m, x, y, eps=0.2, steps=1, step_size=step, random_start=False, surrogate=name)
+        assert torch.equal(((adv - x) / step).round(), reference_sign(backward)), name
+        assert not sat.straight_through and sat.surrogate_tau is None  # restored
+    st = pgd_linf(m, x, y, eps=0.2, steps=1, step_size=step, random_start=False)
+    smooth = pgd_linf(m, x, y, eps=0.2, steps=1, step_size=step, random_start=False, surrogate="tanh:0.05")
+    assert not torch.equal(st, smooth)  # the surrogate changes the attack
+    with pytest.raises(ValueError, match="tanh:TAU"):
+        pgd_linf(m, x, y, eps=0.2, steps=1, step_size=step, surrogate="tanh")
+
+
 @pytest.mark.parametrize("defense", ["none", "blur_input", "learned_blur", "pfe"])
 def test_onnx_export_matches_torch(defense, tmp_path):
     import warnings

@@ -15,6 +15,9 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from dcs.training.reproduce import ReproduceError, load_preset, reproduce, select_rows
+from dcs.training.reproduce_presets import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_presets_are_data_and_rows_select():
@@ -32,6 +35,19 @@ def test_presets_are_data_and_rows_select():
     assert [r["id"] for r in select_rows(quick, ["B-tv"])] == ["B-baseline", "B-tv-0.0001", "B-tv-1e-05"]
     with pytest.raises(ReproduceError, match="no such row"):
         select_rows(quick, ["Z-nothing"])
+
+
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_committed_results_keep_their_training_cache_keys(preset: str):
+    """Options added since results/<preset>/ was made (ε warm-up, certified training, the
+    adversarial-training surrogate) must not change the key of a row that does not use them."""
+    from dcs.training.reproduce import resolved_train_config, train_key
+
+    p = PRESETS[preset]()
+    steps = json.loads((REPO / "results" / preset / "steps.json").read_text())["steps"]
+    committed = {s["row"]: s["key"] for s in steps if s["step"] == "train"}
+    fresh = {r["id"]: train_key(resolved_train_config(r, p["seed"], p["threads"])) for r in p["rows"]}
+    assert committed and {k: fresh[k] for k in committed} == committed
 
 
 def test_tiny_pipeline_writes_results_and_caches(tmp_path: Path):

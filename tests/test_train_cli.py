@@ -86,10 +86,31 @@ def test_pfe_adversarial_run_manifest_fields(tmp_path):
     assert run.defense["kind"] == "pfe" and run.defense["pfe_c"] == 0.25 and run.defense["pfe_stages"] == [1, 1, 1]
     adv = run.defense["adversarial_training"]
     assert adv["eps"] == 0.1 and adv["steps"] == 2 and adv["step_size"] == pytest.approx(0.125)
+    assert adv["surrogate"] == "straight-through"
     sat = run.model.front_end.saturation
     assert sat.enabled and not sat.straight_through
     stages = [m["stage"] for m in json.loads((out / "metrics.json").read_text())]
     assert stages == [1, 2, 3]
+
+
+def test_pfe_adversarial_training_through_a_tanh_surrogate(tmp_path, capsys):
+    """``--adv-surrogate tanh:TAU`` trains against PGD through the smooth surrogate (issue 25, item 6);
+    the choice is recorded in config.json and the manifest's defense record, and a different
+    surrogate gives different weights."""
+    base = ["train", *QUICK, "--defense", "pfe", "--pfe-stages", "0,0,1", "--adv-train", "--adv-steps", "2"]
+    for name, extra in (("st", []), ("tanh", ["--adv-surrogate", "tanh:0.05"])):
+        assert main([*base, *extra, "--out", str(tmp_path / name)]) == 0
+    from dcs.training.runs import load_trained
+
+    st, smooth = load_trained(tmp_path / "st"), load_trained(tmp_path / "tanh")
+    assert smooth.defense["adversarial_training"]["surrogate"] == "tanh:0.05"
+    assert json.loads((tmp_path / "tanh" / "config.json").read_text())["adv"]["surrogate"] == "tanh:0.05"
+    a, b = st.model.state_dict(), smooth.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained on other adversarial examples
+    _one_line_error(capsys, [*base, "--adv-surrogate", "tanh:-1", "--out", str(tmp_path / "bad")],
+                    "adv_surrogate must be 'straight-through' or 'tanh:TAU'")
+    _one_line_error(capsys, ["train", *QUICK, "--adv-train", "--adv-surrogate", "tanh:0.1",
+                             "--out", str(tmp_path / "bad2")], "only applies to --defense pfe")
 
 
 def test_config_resolution_defaults_and_round_trip():

@@ -5,22 +5,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dcs.training.config import STRAIGHT_THROUGH, surrogate_tau
 from dcs.training.models import saturation_modules
 
 
 def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, step_size: float,
-             random_start: bool = True, generator: torch.Generator | None = None) -> Tensor:
+             random_start: bool = True, generator: torch.Generator | None = None,
+             surrogate: str = STRAIGHT_THROUGH) -> Tensor:
     """Untargeted ℓ∞ PGD maximizing cross-entropy; returns x_adv in the ε-ball ∩ [0,1].
 
-    Saturation layers use the straight-through (BPDA) backward during the attack (their true
-    gradient is zero) and are restored afterwards. Model parameters get no gradients.
+    Saturation layers (their true gradient is zero) use a BPDA backward during the attack:
+    ``straight-through`` (identity) or ``tanh:TAU`` (the smooth surrogate's derivative), and are
+    restored afterwards. Model parameters get no gradients.
     """
     if eps <= 0 or steps <= 0:
         return x.detach()
+    tau = surrogate_tau(surrogate)
     sats = saturation_modules(model)
-    saved = {n: m.straight_through for n, m in sats.items()}
+    saved = {n: (m.straight_through, m.surrogate_tau) for n, m in sats.items()}
     for m in sats.values():
-        m.straight_through = True
+        m.straight_through, m.surrogate_tau = True, tau
     was_training = model.training
     model.eval()
     try:
@@ -41,4 +45,4 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, 
     finally:
         model.train(was_training)
         for n, m in sats.items():
-            m.straight_through = saved[n]
+            m.straight_through, m.surrogate_tau = saved[n]

@@ -18,8 +18,26 @@ PFE_RAMPS = ("batch", "epoch", "none")
 CERTIFIED = ("none", "ibp", "crown-ibp")  # dcs.training.certified.METHODS
 
 
+STRAIGHT_THROUGH = "straight-through"
+
+
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the key, the value and what is allowed."""
+
+
+def surrogate_tau(name: str) -> float | None:
+    """``straight-through`` → None; ``tanh:TAU`` → TAU (> 0). The names are the package's
+    ``gradient.surrogates`` member names. Anything else is a ``ConfigError``."""
+    if name == STRAIGHT_THROUGH:
+        return None
+    kind, _, value = str(name).partition(":")
+    try:
+        tau = float(value) if kind == "tanh" else float("nan")
+    except ValueError:
+        tau = float("nan")
+    if not tau > 0 or tau == float("inf"):
+        raise ConfigError(f"adv_surrogate must be '{STRAIGHT_THROUGH}' or 'tanh:TAU' with TAU > 0, got {name!r}")
+    return tau
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,9 @@ class AdvTrainSpec:
     steps 40 and step_size None → 2.5·eps/steps (Madry et al.); random start in the ε-ball.
     eps_warmup: epochs over which ε (and the step) grow linearly from 0 to eps, per batch; 0 = off.
     Large-ε training from scratch (MNIST ε=0.3) can sit at chance without it.
+    surrogate: the saturation's backward the training attack differentiates through (PFE only):
+    ``straight-through`` (BPDA identity, default) or ``tanh:TAU`` (the smooth surrogate at
+    temperature TAU, the same family the package's audit searches; issue 25).
     """
 
     enabled: bool = False
@@ -87,6 +108,7 @@ class AdvTrainSpec:
     step_size: float | None = None
     random_start: bool = True
     eps_warmup: float = 0.0
+    surrogate: str = STRAIGHT_THROUGH
 
     def eps_at(self, progress: float) -> tuple[float, float]:
         """(ε, step size) after ``progress`` epochs of training (resolved spec)."""
@@ -101,6 +123,7 @@ class AdvTrainSpec:
         _positive("adv_steps", self.steps)
         if self.step_size is not None:
             _positive("adv_step_size", self.step_size)
+        surrogate_tau(self.surrogate)
         return self
 
 
@@ -155,6 +178,9 @@ class TrainConfig:
         _nonneg("cert_clip", self.cert_clip)
         if self.certified != "none" and (self.adv.enabled or self.defense.kind == "advtrain"):
             raise ConfigError("certified training and adversarial training cannot be combined")
+        if self.adv.surrogate != STRAIGHT_THROUGH and self.defense.kind != "pfe":
+            raise ConfigError(f"adv_surrogate {self.adv.surrogate!r} only applies to --defense pfe "
+                              "(the saturation is the only layer with a surrogate backward)")
         _choice("device", self.device, DEVICES)
         self.defense.validate()
         self.adv.validate()

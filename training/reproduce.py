@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 CODE_VERSION = 1  # bump to invalidate every cached step after a change of the pipeline itself
 #: Training options left out of the cache key while off (0/False), so that adding one keeps
 #: existing cached runs valid: (config section, field).
-OFF_OPTIONS = (("adv", "eps_warmup"),)
+OFF_OPTIONS = (("adv", "eps_warmup", 0.0), ("adv", "surrogate", "straight-through"))
 
 
 class ReproduceError(Exception):
@@ -112,21 +112,27 @@ def resolved_train_config(row: dict, seed: int, threads: int):
     return replace(cfg, threads=threads)
 
 
+def train_key(cfg) -> str:
+    """The cache key of a resolved TrainConfig: thread count aside, and options added after a run
+    (at their defaults) left out, so that adding an option does not invalidate cached runs."""
+    cdict = cfg.to_dict()
+    cdict.pop("threads")
+    for section, name, default in OFF_OPTIONS:
+        if cdict[section].get(name) in (None, default):
+            cdict[section].pop(name, None)
+    if cdict.get("certified", "none") == "none":  # likewise certified training's (issue 27) options
+        for name in [k for k in cdict if k == "certified" or k.startswith("cert_")]:
+            cdict.pop(name)
+    return config_hash({"train": cdict, "code": CODE_VERSION})
+
+
 def train_step(row: dict, preset: dict, work: Path, steps: Steps, data_cache: dict) -> tuple[Path, str]:
     """Train (or reuse) the row's run; for a PFE row also snapshot z after every stage."""
     from dcs.training import runs
     from dcs.training.trainer import train
 
     cfg = resolved_train_config(row, preset["seed"], preset["threads"])
-    cdict = cfg.to_dict()
-    cdict.pop("threads")
-    for section, name in OFF_OPTIONS:  # options added later do not invalidate runs that lack them
-        if not cdict[section].get(name):
-            cdict[section].pop(name, None)
-    if cdict.get("certified", "none") == "none":  # likewise certified training's (issue 27) options
-        for name in [k for k in cdict if k == "certified" or k.startswith("cert_")]:
-            cdict.pop(name)
-    key = config_hash({"train": cdict, "code": CODE_VERSION})
+    key = train_key(cfg)
     out = work / "train" / f"{row['id']}-{key}"
     t0 = time.perf_counter()
     snaps = out / "stages.npz"

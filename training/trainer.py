@@ -276,7 +276,8 @@ def train(cfg: TrainConfig, data: Dataset, out_dir: str | Path, *, resume: bool 
                 if cfg.adversarial:
                     eps, step = cfg.adv.eps_at(epoch + b / n_batches)
                     xb = pgd_linf(model, xb, yb, eps=eps, steps=cfg.adv.steps, step_size=step,
-                                  random_start=cfg.adv.random_start, generator=adv_gen)
+                                  random_start=cfg.adv.random_start, generator=adv_gen,
+                                  surrogate=cfg.adv.surrogate)
                 probe = forward(xb)
                 ce = F.cross_entropy(probe["logits"], yb)
                 reg = regularizer(model, cfg, probe, stage, lam)

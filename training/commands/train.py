@@ -72,6 +72,8 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--adv-steps", "adv_steps", _int, "PGD steps (40)"),
     ("--adv-step-size", "adv_step_size", _opt_float, "PGD step (2.5*eps/steps)"),
     ("--adv-eps-warmup", "adv_eps_warmup", _float, "epochs over which eps ramps up from 0 (0 = off)"),
+    ("--adv-surrogate", "adv_surrogate", str,
+     "pfe: saturation backward of the training attack, straight-through (default) | tanh:TAU"),
     ("--certified", "certified", str, "certified training: none (default) | ibp | crown-ibp"),
     ("--cert-eps", "cert_eps", _opt_float, "certified-training eps (0.4 mnist-like, else 0.15)"),
     ("--cert-warmup", "cert_warmup", _opt_float, "natural-training epochs before the eps ramp (10%% of the phase)"),
