@@ -76,6 +76,29 @@ def test_shard_is_distributed_sampler_order():
         assert sorted(torch.cat([p[:local] for p in parts]).tolist()) == sorted(perm[:local * world].tolist())
 
 
+def test_worker_exit_flushes_output_and_keeps_the_code():
+    """``exit_worker`` skips interpreter teardown (see its docstring) but loses no output: both
+    pipes are block-buffered here, so an unflushed line would vanish with ``os._exit``."""
+    code = ("import sys; import dcs.training.distributed as d; print('out', end=''); "
+            "print('err', end='', file=sys.stderr); d.exit_worker(3)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out", "err")
+
+
+def test_console_main_ends_only_a_group_member_through_exit_worker(monkeypatch):
+    import dcs.training.distributed as distributed
+    from dcs.training import cli
+
+    ended: list[int] = []
+    monkeypatch.setattr(cli, "main", lambda: 7)
+    monkeypatch.setattr(distributed, "exit_worker", ended.append)
+    assert cli.console_main() == 7 and ended == []  # a plain run exits through the interpreter
+    monkeypatch.setattr(distributed, "_group_initialized", True)
+    cli.console_main()
+    assert ended == [7]
+
+
 def test_indivisible_global_batch_is_one_line_error(tmp_path, capsys, monkeypatch):
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(key, value)

@@ -48,8 +48,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> int:
+    """The ``dcs`` entry point: ``main()``, then a torchrun worker ends through ``exit_worker``."""
+    code = main()
+    distributed = sys.modules.get("dcs.training.distributed")  # loaded only by a train run (torch)
+    if distributed is not None and distributed.group_was_initialized():
+        distributed.exit_worker(code)
+    return code
+
+
 if __name__ == "__main__":
     # Run through the package module so commands and this entry point share one CLIError class.
-    from dcs.training.cli import main as _main
+    from dcs.training.cli import console_main as _console_main
 
-    sys.exit(_main())
+    sys.exit(_console_main())
