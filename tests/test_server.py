@@ -181,18 +181,23 @@ class _HoldFirstBatch:
     """Wraps a batcher's worker step: the first batch the worker thread computes waits (bounded)
     until ``queued`` requests wait behind it, so the next batches are certain to hold several
     requests however the machine schedules the client's sends (a busy machine can space 64
-    "concurrent" requests so that each finds the model idle)."""
+    "concurrent" requests so that each finds the model idle). Inline batches are off meanwhile:
+    on such a machine every request can also look like a lone client's and run on the event loop
+    (``inline_lone_ms``), where holding it would block the very arrivals it waits for."""
 
     def __init__(self, batcher, queued: int, limit_s: float = 30.0) -> None:
         self.batcher, self.queued, self.limit_s = batcher, queued, limit_s
         self.inner, self.held = batcher._process, False
+        self.inline_limits = (batcher.inline_s, batcher.inline_lone_s)
 
     def __enter__(self):
         self.batcher._process = self
+        self.batcher.inline_s = self.batcher.inline_lone_s = 0.0
         return self
 
     def __exit__(self, *exc) -> None:
         self.batcher._process = self.inner
+        self.batcher.inline_s, self.batcher.inline_lone_s = self.inline_limits
 
     def __call__(self, x):
         if not self.held and threading.current_thread().name.startswith("ort-"):
