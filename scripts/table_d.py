@@ -10,13 +10,11 @@ Usage: python scripts/table_d.py [RESULTS_DIR] [RUNS_DIR]
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
-MODELS = ("mnist5k_cnn_ibp", "mnist5k_cnn_ibp_long", "mnist5k_cnn_ibp_e120", "mnist5k_cnn_ibp_e200",
-          "mnist5k_cnn_crownibp", "mnist5k_pfe_ibp", "mnist5k_pfe_ibp_eps03", "fmnist_cnn_ibp", "fmnist_cnn_ibp_30k",
-          "fmnist_cnn_ibp_30k_e30", "fmnist_pfe_ibp", "fmnist_pfe_ibp_6k",
-          "fmnist_cnn_ibp_6k")
+SCRIPT = Path(__file__).with_name("table_d.sh")
 HEADLINE = {"mnist5k": 0.3, "fmnist": 0.1}
 TARGETS = {"mnist5k": "certified >= 80%", "fmnist": "certified >= 65% at clean >= 75%"}
 #: Published certified (verified) accuracies on the same dataset and ε, for context (full training
@@ -106,10 +104,18 @@ def row(name: str, results: Path, runs: Path) -> dict | None:
     }
 
 
+def models(script: Path = SCRIPT) -> list[str]:
+    """Table D's runs, in row order: the ``MODELS`` line of table_d.sh, which holds their recipes."""
+    found = re.search(r'^MODELS="([^"]*)"', script.read_text(), re.MULTILINE)
+    if found is None:
+        raise SystemExit(f"{script}: no MODELS=\"...\" line")
+    return found.group(1).split()
+
+
 def main(argv: list[str]) -> int:
     results = Path(argv[0]) if argv else Path("results/tableD")
     runs = Path(argv[1]) if len(argv) > 1 else Path("runs/tableD")
-    rows = [r for r in (row(m, results, runs) for m in MODELS) if r is not None]
+    rows = [r for r in (row(m, results, runs) for m in models()) if r is not None]
     lines = ["# Table D: certified training and certification (issue 27)", "",
              ("Accuracies in % on the first 500 test images (the audit limit; 95% interval about ±4 points "
               "at 50%). PGD = the audit's per-example worst case over PGD-40 and APGD-CE-50 (an upper bound "
