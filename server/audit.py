@@ -1,7 +1,7 @@
 """Robustness audits as persisted jobs (issue 7, server half).
 
 ``AuditManager`` is the domain side: validate a request against the served model and the
-limits, persist it (``dcs.server.jobs.JobStore``), run it on its own worker pool with its own ORT
+limits (``dcs.server.audit_request``), persist it (``dcs.server.jobs.JobStore``), run it on its own worker pool with its own ORT
 sessions (``--audit-threads`` intra-op threads, ``--max-concurrent-audits`` workers) so the
 classify path keeps its latency, publish progress to watchers, write report.json/.html with
 ``dcs.robustness.report.write_report`` and record the summary. The attack engine is
@@ -10,7 +10,6 @@ classify path keeps its latency, publish progress to watchers, write report.json
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import sqlite3
@@ -29,7 +28,17 @@ from dcs.robustness.attacks import Stopped
 from dcs.robustness.audit import AuditCancelled, AuditError, ProgressEvent, audit
 from dcs.robustness.manifest import PackageError
 from dcs.robustness.package import SessionOptions, load_package
-from dcs.robustness.suites import PRESETS, AttackSpec, Suite, SuiteError, get_suite, is_evaluator
+from dcs.robustness.suites import Suite, SuiteError, is_evaluator
+from dcs.server.audit_oracle import StoppableOracle
+from dcs.server.audit_request import (
+    AuditRequest,
+    build_suite,
+    check_cost,
+    check_upload,
+    dataset_source,
+    decode_examples,
+    resolve_limit,
+)
 from dcs.server.config import ServerConfig
 from dcs.server.dataplane import DataPlane
 from dcs.server.errors import (
@@ -37,9 +46,7 @@ from dcs.server.errors import (
     InvalidInput,
     JobNotFound,
     LimitExceeded,
-    PermissionDenied,
     StateUnavailable,
-    Unauthenticated,
 )
 from dcs.server.jobs import (
     CANCELLED,
@@ -56,37 +63,6 @@ from dcs.server.priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SUITE = "quick"
-SPLITS = ("test", "train")
-#: Attacks that read a second package from a path: not offered over the API.
-REFUSED_ATTACKS = frozenset({"transfer"})
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    split: str = "test"
-    limit: int = 0
-
-
-@dataclass(frozen=True)
-class AuditRequest:
-    """A parsed StartAudit request (the servicer builds it from protobuf)."""
-
-    model: str
-    version: int = 0
-    suite: str = ""
-    attacks: tuple[tuple[str, dict], ...] = ()
-    eps: tuple[float, ...] = ()
-    dataset: DatasetSpec | None = None
-    images: tuple[str, list[int], bytes] | None = None  # (dtype, shape, data)
-    labels: tuple[int, ...] = ()
-    seed: int = 0
-    max_examples: int = 0
-    max_gradients: int = 0
-    note: str = ""
-
-
 @dataclass
 class _Live:
     """In-memory side of an active job."""
@@ -97,73 +73,6 @@ class _Live:
     last_db_write: float = 0.0
     last_gradients: int = 0
     last_heartbeat: float = 0.0
-
-
-class TokenAuth:
-    """Bearer-token check for audit methods (constant-time compare)."""
-
-    def __init__(self, token: str | None) -> None:
-        self._token = token.encode() if token else None
-
-    def check(self, metadata) -> None:
-        if self._token is None:
-            raise PermissionDenied("audits are disabled on this server: no token configured "
-                                   "(--audit-token-file or DCS_AUDIT_TOKEN)")
-        header = ""
-        for key, value in metadata or ():
-            if key.lower() == "authorization":
-                header = value if isinstance(value, str) else value.decode(errors="replace")
-                break
-        if not header:
-            raise Unauthenticated("metadata 'authorization' is missing; expected 'Bearer <token>'")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("metadata 'authorization' is not of the form 'Bearer <token>'")
-        if not hmac.compare_digest(token.strip().encode(), self._token):
-            raise PermissionDenied("bearer token is not valid for audit methods")
-
-
-class StoppableOracle:
-    """Delegates to a package but checks ``should_stop`` before every model call.
-
-    The engine polls ``should_stop`` between batches only; checking here as well makes cancel
-    and shutdown take effect within one oracle call. It raises the engine's ``Stopped``, which
-    ``dcs.robustness.audit.audit`` turns into ``AuditCancelled``.
-    """
-
-    def __init__(self, inner: Any, should_stop, on_call=None) -> None:
-        self._inner = inner
-        self._should_stop = should_stop
-        self._on_call = on_call
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def _check(self) -> None:
-        if self._should_stop():
-            raise Stopped("audit stopped between two model calls")
-        if self._on_call is not None:
-            self._on_call()
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        self._check()
-        return self._inner.logits(x)
-
-    def loss_grad(self, x: np.ndarray, y: np.ndarray):
-        self._check()
-        return self._inner.loss_grad(x, y)
-
-    def logit_bounds(self, x: np.ndarray, eps: float):
-        self._check()
-        return self._inner.logit_bounds(x, eps)
-
-    def with_surrogate(self, name: str) -> StoppableOracle:
-        """A surrogate member's view (adaptive audits), checked like the package itself."""
-        return StoppableOracle(self._inner.with_surrogate(name), self._should_stop, self._on_call)
-
-    def probe(self, x: np.ndarray):
-        self._check()
-        return self._inner.probe(x)
 
 
 class AuditManager:
@@ -227,43 +136,23 @@ class AuditManager:
         if active >= self.config.max_concurrent_audits:
             raise LimitExceeded(f"{active} audit job(s) queued or running; "
                                 f"--max-concurrent-audits={self.config.max_concurrent_audits}")
-        max_examples = self._limit(req.max_examples, self.config.max_audit_examples,
-                                   "limits.max_examples", "--max-audit-examples")
-        max_gradients = self._limit(req.max_gradients, self.config.max_audit_gradients,
-                                    "limits.max_gradients", "--max-audit-gradients")
-        suite = self._suite(req)
+        max_examples = resolve_limit(req.max_examples, self.config.max_audit_examples,
+                                     "limits.max_examples", "--max-audit-examples")
+        max_gradients = resolve_limit(req.max_gradients, self.config.max_audit_gradients,
+                                      "limits.max_gradients", "--max-audit-gradients")
+        suite = build_suite(req)
         job_id = uuid.uuid4().hex
         data: dict[str, Any]
         if req.dataset is not None and req.images is not None:
             raise InvalidInput("give either data.dataset or data.examples, not both")
         if req.dataset is not None:
-            ds = req.dataset
-            if ds.name not in self.config.datasets:
-                raise InvalidInput(f"dataset.name {ds.name!r} is not offered by this server; "
-                                   f"expected one of {list(self.config.datasets)} (--datasets)")
-            split = ds.split or "test"
-            if split not in SPLITS:
-                raise InvalidInput(f"dataset.split {ds.split!r}; expected one of {list(SPLITS)}")
-            if ds.limit < 0:
-                raise InvalidInput(f"dataset.limit is {ds.limit}; expected >= 0 (0 = the limit)")
-            if ds.limit > max_examples:
-                raise LimitExceeded(f"dataset.limit {ds.limit} exceeds the example limit "
-                                    f"{max_examples} (--max-audit-examples / limits.max_examples)")
-            n = ds.limit or max_examples
-            data = {"kind": "dataset", "name": ds.name, "split": split, "limit": n}
+            data = dataset_source(req.dataset, self.config.datasets, max_examples)
+            n = data["limit"]
         elif req.images is not None:
             dtype, shape, raw = req.images
-            x = self._decode_examples(rt, dtype, shape, raw)
+            x = decode_examples(rt.name, rt.input_shape, dtype, shape, raw, self._dp.check_values)
             n = len(x)
-            if n > max_examples:
-                raise LimitExceeded(f"examples has {n} images; the limit is {max_examples} "
-                                    "(--max-audit-examples / limits.max_examples)")
-            y = np.asarray(req.labels, dtype=np.int64)
-            if y.shape != (n,):
-                raise InvalidInput(f"examples.labels has {len(y)} entries; expected {n} (one per image)")
-            k = len(rt.labels)
-            if n and (y.min() < 0 or y.max() >= k):
-                raise InvalidInput(f"examples.labels span [{y.min()}, {y.max()}]; expected 0..{k - 1}")
+            y = check_upload(n, req.labels, len(rt.labels), max_examples)
             path = self.store.uploads_dir / f"{job_id}.npz"
             try:
                 np.savez_compressed(path, x=x, y=y)
@@ -274,22 +163,15 @@ class AuditManager:
         else:
             raise InvalidInput("data is unset; expected data.dataset (a named split) or "
                                "data.examples (images + labels)")
-        try:
-            # every member of a BPDA surrogate family counts (dcs.robustness.adaptive)
-            members = len((rt.manifest.get("gradient") or {}).get("surrogates") or [])
-            grads, queries = suite.estimate_cost(n, members if members >= 2 else 1)
-        except SuiteError as exc:
-            raise InvalidInput(str(exc)) from None
-        except (TypeError, ValueError, OverflowError) as exc:  # params_json of the wrong type
-            raise InvalidInput(f"attacks: a parameter has the wrong type or value ({exc})") from None
-        if grads > max_gradients:
-            raise LimitExceeded(f"suite {suite.name!r} may need {grads} gradient evaluations for {n} "
-                                f"examples; the limit is {max_gradients} (--max-audit-gradients / "
-                                "limits.max_gradients)")
+        # every member of a BPDA surrogate family counts (dcs.robustness.adaptive)
+        members = len((rt.manifest.get("gradient") or {}).get("surrogates") or [])
         max_queries = self.config.max_audit_queries
-        if queries > max_queries:
-            raise LimitExceeded(f"suite {suite.name!r} may need {queries} model queries for {n} "
-                                f"examples; the limit is {max_queries} (--max-audit-queries)")
+        try:
+            check_cost(suite, n, members, max_gradients, max_queries)
+        except Exception:
+            if data["kind"] == "examples":
+                Path(data["path"]).unlink(missing_ok=True)
+            raise
         suite = suite.replace(max_examples=n, max_gradients=max_gradients, max_queries=max_queries)
         request = {"model": rt.name, "version": rt.version, "sha256": rt.sha256,
                    "path": str(rt.path), "suite": suite.to_dict(), "data": data,
@@ -317,57 +199,6 @@ class AuditManager:
         return StateUnavailable(f"cannot {what} in --state-dir {str(self.config.state_dir)!r} "
                                 f"({type(exc).__name__}: {exc}); audits are refused until it is "
                                 "writable again, classify is not affected")
-
-    def _limit(self, asked: int, server: int, field_name: str, flag: str) -> int:
-        if asked < 0:
-            raise InvalidInput(f"{field_name} is {asked}; expected >= 0 (0 = the server limit)")
-        if asked > server:
-            raise LimitExceeded(f"{field_name} {asked} exceeds the server limit {flag}={server}")
-        return asked or server
-
-    def _suite(self, req: AuditRequest) -> Suite:
-        name = req.suite or DEFAULT_SUITE
-        try:
-            base = get_suite(name) if name in PRESETS else None
-        except SuiteError as exc:
-            raise InvalidInput(str(exc)) from None
-        if base is None:
-            raise InvalidInput(f"suite {name!r} is not a preset; expected one of {sorted(PRESETS)} "
-                               "or explicit attacks")
-        try:
-            if req.attacks:
-                specs = []
-                for attack, params in req.attacks:
-                    if attack in REFUSED_ATTACKS:
-                        raise InvalidInput(f"attack {attack!r} is not available in server audits")
-                    specs.append(AttackSpec(attack=attack, params=dict(params)))
-                return Suite(name="custom", attacks=tuple(specs),
-                             eps=tuple(req.eps) if req.eps else base.eps,
-                             headline_eps=None, batch_size=base.batch_size, checks=base.checks)
-            if req.eps:
-                return base.replace(eps=list(req.eps))
-            return base
-        except SuiteError as exc:
-            raise InvalidInput(f"suite: {exc}") from None
-
-    def _decode_examples(self, rt, dtype: str, shape: list[int], raw: bytes) -> np.ndarray:
-        from dcs.server.dataplane import DTYPES
-
-        want = tuple(rt.input_shape)
-        if dtype not in DTYPES:
-            raise InvalidInput(f"examples.images.dtype is {dtype or 'unset'!r}; expected FLOAT32 or UINT8")
-        if len(shape) != len(want) + 1 or tuple(shape[1:]) != want:
-            raise InvalidInput(f"examples.images.shape {list(shape)}; expected "
-                               f"[N, {', '.join(map(str, want))}] for model {rt.name!r}")
-        if shape[0] < 1:
-            raise InvalidInput("examples.images is empty; send at least one image")
-        np_dtype, scale = DTYPES[dtype]
-        need = int(np.prod(shape)) * np_dtype.itemsize
-        if len(raw) != need:
-            raise InvalidInput(f"examples.images.data has {len(raw)} bytes; shape {list(shape)} "
-                               f"of {dtype} needs {need}")
-        x = np.frombuffer(raw, dtype=np_dtype).reshape(shape).astype(np.float32) * np.float32(scale)
-        return self._dp.check_values(x, "examples.images")
 
     def get(self, job_id: str) -> JobRow:
         row = self.store.get(job_id) if job_id else None
@@ -520,22 +351,7 @@ class AuditManager:
                 log.exception("audit %s: HTML report failed; writing report.json only", job_id)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-            d = report.to_dict()
-            summary = {"clean_accuracy": d["clean_accuracy"],
-                       "robust_accuracy": d["headline"].get("robust_accuracy"),
-                       "headline_eps": d["headline"].get("eps"), "n_examples": d["n_examples"],
-                       "worst_case": [{k: w[k] for k in ("eps", "robust_accuracy", "attacks")}
-                                      for w in d["worst_case"]],
-                       "results": [{k: r[k] for k in ("label", "eps", "robust_accuracy",
-                                                      "attack_success_rate") if k in r}
-                                   for r in d["results"]],
-                       "checks": d["checks"], "totals": d["totals"]}
-            if d.get("certified") is not None:
-                cert = d["certified"]
-                summary["certified"] = {
-                    "status": cert["status"], "reason": cert.get("reason"),
-                    "per_eps": [{k: c[k] for k in ("eps", "certified_accuracy", "empirical_robust_accuracy",
-                                                   "unstable_fraction")} for c in cert["per_eps"]]}
+            summary = job_summary(report.to_dict())
             live.progress.update(fraction=1.0, eta_s=0.0)
             self._finish(job_id, SUCCEEDED, started, summary=summary, report_dir=str(out))
         except AuditCancelled as exc:
@@ -605,3 +421,23 @@ class AuditManager:
             except (OSError, sqlite3.Error) as exc:  # progress is best effort; the job goes on
                 log.warning("audit %s: cannot record progress: %s", job_id, exc)
         self._emit(job_id, RUNNING)
+
+
+def job_summary(d: dict) -> dict:
+    """The part of a report (``AuditReport.to_dict()``) a job row keeps and GetAudit returns."""
+    summary = {"clean_accuracy": d["clean_accuracy"],
+               "robust_accuracy": d["headline"].get("robust_accuracy"),
+               "headline_eps": d["headline"].get("eps"), "n_examples": d["n_examples"],
+               "worst_case": [{k: w[k] for k in ("eps", "robust_accuracy", "attacks")}
+                              for w in d["worst_case"]],
+               "results": [{k: r[k] for k in ("label", "eps", "robust_accuracy",
+                                              "attack_success_rate") if k in r}
+                           for r in d["results"]],
+               "checks": d["checks"], "totals": d["totals"]}
+    if d.get("certified") is not None:
+        cert = d["certified"]
+        summary["certified"] = {
+            "status": cert["status"], "reason": cert.get("reason"),
+            "per_eps": [{k: c[k] for k in ("eps", "certified_accuracy", "empirical_robust_accuracy",
+                                           "unstable_fraction")} for c in cert["per_eps"]]}
+    return summary

@@ -5,7 +5,9 @@ import json
 
 from dcs.proto import classifier_pb2 as cpb
 from dcs.proto import classifier_pb2_grpc as cpb_grpc
-from dcs.server.audit import AuditManager, AuditRequest, DatasetSpec, TokenAuth
+from dcs.server.audit import AuditManager
+from dcs.server.audit_request import AuditRequest, DatasetSpec
+from dcs.server.auth import TokenAuth
 from dcs.server.config import ServerConfig
 from dcs.server.dataplane import DataPlane
 from dcs.server.errors import InvalidInput, NotReady

@@ -155,7 +155,7 @@ def test_cancel_and_concurrency_limit(stub):
     assert code == grpc.StatusCode.NOT_FOUND
 
 
-def test_limits_and_bad_requests(stub):
+def test_limits_and_bad_requests(server, stub):
     cases = [
         (cpb.StartAuditRequest(model=MODEL, examples=upload(4), limits=cpb.AuditLimits(max_examples=65)),
          grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-audit-examples=64"),
@@ -181,6 +181,8 @@ def test_limits_and_bad_requests(stub):
     for request, code, fragment in cases:
         got, msg = code_of(stub.StartAudit, request, metadata=AUTH, timeout=10)
         assert got == code and fragment in msg, (fragment, got, msg)
+    # a refused upload is not kept (the cost check runs after the upload is stored)
+    assert not list((server.config.state_dir / "uploads").glob("*.npz"))
     got, _ = code_of(stub.GetAudit, cpb.GetAuditRequest(job_id="missing"), metadata=AUTH, timeout=10)
     assert got == grpc.StatusCode.NOT_FOUND
 

@@ -106,7 +106,7 @@ def test_token_compare_is_constant_time(monkeypatch):
     import hmac
     import inspect
 
-    import dcs.server.audit as audit_mod
+    import dcs.server.auth as audit_mod
     from dcs.server.errors import PermissionDenied
 
     calls = []
