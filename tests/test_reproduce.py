@@ -41,7 +41,7 @@ def test_presets_are_data_and_rows_select():
 def test_committed_results_keep_their_training_cache_keys(preset: str):
     """Options added since results/<preset>/ was made (ε warm-up, certified training, the
     adversarial-training surrogate) must not change the key of a row that does not use them."""
-    from dcs.training.reproduce import resolved_train_config, train_key
+    from dcs.training.reproduce_steps import resolved_train_config, train_key
 
     p = PRESETS[preset]()
     steps = json.loads((REPO / "results" / preset / "steps.json").read_text())["steps"]
