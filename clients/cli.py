@@ -26,91 +26,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dcs.clients.cli_parser import PROG, UsageError, build_parser
+from dcs.clients.render import format_table, headline_table, percent
 from dcs.robustness.manifest import atomic_write_text
 
-PROG = "dcsctl"
-DEFAULT_TARGET = "127.0.0.1:8001"
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 log = logging.getLogger("dcs.clients.cli")
-
-
-class UsageError(Exception):
-    """A bad command line or input file: exit 2 with one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Client for the defended-classifier inference service.")
-    p.add_argument("--target", default=os.environ.get("DCS_TARGET", DEFAULT_TARGET),
-                   help="server address HOST:PORT, or dns:///HOST:PORT with --round-robin "
-                        "(env DCS_TARGET; default %(default)s)")
-    p.add_argument("--audit-target", default=os.environ.get("DCS_AUDIT_TARGET"),
-                   help="address of the audit service when it has its own port (default: --target)")
-    p.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
-    p.add_argument("--ca", type=Path, help="CA certificate (PEM) to verify the server with")
-    p.add_argument("--cert", type=Path, help="client certificate (PEM) for mutual TLS")
-    p.add_argument("--key", type=Path, help="client private key (PEM) for mutual TLS")
-    p.add_argument("--server-name", help="name to verify the server certificate against")
-    p.add_argument("--token-file", type=Path,
-                   help="file holding the audit bearer token (else env DCS_AUDIT_TOKEN)")
-    p.add_argument("--timeout", type=float, default=10.0, help="per-call deadline, s (default 10)")
-    p.add_argument("--retries", type=int, default=3,
-                   help="retries on UNAVAILABLE for idempotent calls (default 3)")
-    p.add_argument("--round-robin", action="store_true",
-                   help="spread requests over every address the target resolves to")
-    p.add_argument("-q", "--quiet", action="store_true", help="no notes or progress bar")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    c = sub.add_parser("classify", help="classify images (PNG/JPEG, .npy/.npz, directories)")
-    c.add_argument("inputs", nargs="+", metavar="INPUT")
-    c.add_argument("--model", required=True)
-    c.add_argument("--version", type=int, default=0, help="0 = the serving version")
-    c.add_argument("--top-k", type=int, default=5)
-    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    c.add_argument("--stretch", action="store_true",
-                   help="resize even when the aspect ratio differs from the model's")
-
-    m = sub.add_parser("models", help="list served models")
-    m.add_argument("--json", action="store_true")
-
-    a = sub.add_parser("audit", help="run a robustness audit with a live progress bar")
-    a.add_argument("--model", required=True)
-    a.add_argument("--version", type=int, default=0)
-    a.add_argument("--suite", default="quick", help="preset: quick | standard | paper")
-    a.add_argument("--attack", action="append", dest="attacks", metavar="NAME[:JSON]",
-                   help="explicit attack (repeatable), e.g. pgd or 'pgd:{\"steps\": 10}'")
-    a.add_argument("--eps", type=float, action="append", help="ε to sweep (repeatable)")
-    data = a.add_mutually_exclusive_group(required=True)
-    data.add_argument("--dataset", help="dataset split the server offers (--datasets)")
-    data.add_argument("--examples", type=Path, metavar="FILE.npz",
-                      help="uploaded examples: x [N, C, H, W] (or images) and y labels")
-    a.add_argument("--split", default="test")
-    a.add_argument("--limit", type=int, help="at most N examples")
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--out", type=Path, help="folder for report.json (and report.html)")
-    a.add_argument("--json", action="store_true", help="print report.json instead of the table")
-    a.add_argument("--detach", action="store_true", help="print the job id and return")
-
-    r = sub.add_parser("report", help="fetch a finished job's report")
-    r.add_argument("job")
-    r.add_argument("--out", type=Path, help="folder for report.json (and report.html)")
-    r.add_argument("--json", action="store_true", help="print report.json instead of the table")
-
-    k = sub.add_parser("cancel", help="cancel an audit job")
-    k.add_argument("job")
-
-    s = sub.add_parser("audits", help="list audit jobs, newest first")
-    s.add_argument("--state", help="filter: queued, running, succeeded, failed, cancelled, "
-                                   "interrupted")
-    s.add_argument("--limit", type=int, default=100)
-    s.add_argument("--json", action="store_true")
-    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,72 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Plain aligned columns (numbers right-aligned)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(_is_num(r[i]) for r in cells[1:]) and len(cells) > 1
-               for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        lines.append("  ".join(c.rjust(w) if num else c.ljust(w)
-                               for c, w, num in zip(r, widths, numeric)).rstrip())
-    return "\n".join(lines)
-
-
-def _is_num(text: str) -> bool:
-    try:
-        float(text.rstrip("%"))
-        return True
-    except ValueError:
-        return text in ("-", "")
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * float(v):.1f}%"
-
-
-def headline_table(report: dict[str, Any]) -> str:
-    """Clean, per-attack and worst-case robust accuracy from a report.json dict: one row per
-    attack, one column per ε (``*`` marks the headline ε; fixed-ε attacks such as RP2 get a
-    ``fixed`` column)."""
-    pkg = report.get("package") or {}
-    suite = report.get("suite") or {}
-    head = report.get("headline") or {}
-    name = pkg.get("name", "model")
-    ver = f" v{pkg['version']}" if "version" in pkg else ""
-    sha = str(pkg.get("sha256", ""))[:12]
-    lines = [f"{name}{ver}" + (f" (sha256 {sha}...)" if sha else "")
-             + f", suite {suite.get('name', '?')}, {report.get('n_examples', '?')} examples"
-             + f", seed {report.get('seed', '?')}",
-             f"clean accuracy: {_pct(report.get('clean_accuracy'))}"]
-    results = report.get("results", [])
-    eps_list = sorted({round(float(r["eps"]), 9) for r in results if not r.get("fixed_eps")}
-                      | {round(float(w["eps"]), 9) for w in report.get("worst_case", [])})
-    head_eps = round(float(head["eps"]), 9) if head.get("eps") is not None else None
-    has_fixed = any(r.get("fixed_eps") for r in results)
-    columns = [f"eps={e:g}" + ("*" if e == head_eps else "") for e in eps_list]
-    columns += ["fixed"] if has_fixed else []
-    rows: dict[str, list[str]] = {}
-    for r in results:
-        label = str(r.get("label") or r.get("attack"))
-        row = rows.setdefault(label, ["-"] * len(columns))
-        col = len(columns) - 1 if r.get("fixed_eps") else eps_list.index(round(float(r["eps"]), 9))
-        row[col] = _pct(r.get("robust_accuracy"))
-    worst = ["-"] * len(columns)
-    for w in report.get("worst_case", []):
-        worst[eps_list.index(round(float(w["eps"]), 9))] = _pct(w.get("robust_accuracy"))
-    table = [[label, *cells] for label, cells in rows.items()] + [["worst case", *worst]]
-    lines.append(format_table(["robust accuracy", *columns], table))
-    if head:
-        lines.append(f"headline (*): worst-case robust accuracy "
-                     f"{_pct(head.get('robust_accuracy'))} at eps {head.get('eps', 0):g}")
-    for c in report.get("checks", []):
-        if c.get("status") == "warn":
-            lines.append(f"check {c.get('name')}: WARN {c.get('detail', '')}")
-    return "\n".join(lines)
 
 
 def _prepare_out(out: Path | None) -> None:
@@ -421,7 +277,7 @@ def cmd_audits(args: argparse.Namespace) -> int:
                         indent=2))
         return EXIT_OK
     rows = [[j.job_id, j.state.value.lower(), f"{j.model.name} v{j.model.version}", j.suite,
-             f"{100 * j.progress.fraction:.0f}%", _pct(j.clean_accuracy), _pct(j.robust_accuracy)]
+             f"{100 * j.progress.fraction:.0f}%", percent(j.clean_accuracy), percent(j.robust_accuracy)]
             for j in jobs]
     _out(format_table(["job", "state", "model", "suite", "done", "clean", "robust"], rows))
     return EXIT_OK
