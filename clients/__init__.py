@@ -1,6 +1,6 @@
 """Python client library and ``dcsctl`` CLI for the defended-classifier service (torch-free).
 
-- ``dcs.clients.client``: ``Client`` (typed, retries on UNAVAILABLE, deadlines), ``TLSConfig``.
+- ``dcs.clients.client``: ``Client`` (typed, retries on UNAVAILABLE, deadlines); ``TLSConfig`` (``dcs.clients.tls``).
 - ``dcs.clients.results``: frozen result types (``Prediction``, ``ModelInfo``, ``AuditProgress``, ...).
 - ``dcs.clients.errors``: ``ClientError`` and one subclass per gRPC status family.
 - ``dcs.clients.images``: load PNG/JPEG/.npy/.npz and convert to a model's input spec.

@@ -34,8 +34,6 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -57,6 +55,8 @@ from dcs.clients.results import (
     ModelRef,
     Prediction,
 )
+from dcs.clients.tls import TLSConfig
+from dcs.clients.wire import as_wire_array, attack_spec
 from dcs.proto import classifier_pb2 as cpb
 from dcs.proto import classifier_pb2_grpc as cpb_grpc
 
@@ -64,33 +64,6 @@ log = logging.getLogger("dcs.clients.client")
 
 T = TypeVar("T")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """TLS for the channel. ``ca_file`` None = the system roots; ``cert_file``/``key_file`` for
-    mutual TLS; ``server_name`` overrides the name checked against the certificate."""
-
-    ca_file: str | Path | None = None
-    cert_file: str | Path | None = None
-    key_file: str | Path | None = None
-    server_name: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(p: str | Path | None) -> bytes | None:
-            if p is None:
-                return None
-            try:
-                return Path(p).read_bytes()
-            except OSError as exc:
-                raise InvalidArgument(f"TLS file {str(p)!r} cannot be read: "
-                                      f"{exc.strerror}") from None
-
-        if (self.cert_file is None) != (self.key_file is None):
-            raise InvalidArgument("TLS cert_file and key_file go together (mutual TLS); "
-                                  "got only one")
-        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file),
-                                            read(self.cert_file))
 
 
 class Client:
@@ -241,7 +214,7 @@ class Client:
         """Top-k predictions for ``images`` ([N, C, H, W] or one [C, H, W]; float32 in [0, 1] or
         uint8 0..255), one ``Prediction`` per image in order. Batches larger than the server's
         ``max_batch`` (or ``batch_size``) are split into several calls."""
-        x = _as_wire_array(images)
+        x = as_wire_array(images)
         if top_k < 0:
             raise InvalidArgument(f"top_k is {top_k}; expected 0 (server default) or more")
         if batch_size is None:
@@ -281,7 +254,7 @@ class Client:
         request = cpb.StartAuditRequest(model=model, version=int(version or 0),
                                         suite=suite or "", seed=int(seed), note=note)
         for spec in attacks or ():
-            request.attacks.append(_attack_spec(spec))
+            request.attacks.append(attack_spec(spec))
         if eps is not None:
             request.eps.extend(float(e) for e in eps)
         if limit is not None and limit <= 0:
@@ -290,7 +263,7 @@ class Client:
             request.dataset.CopyFrom(cpb.DatasetRef(name=dataset, split=split or "test",
                                                     limit=int(limit or 0)))
         else:
-            x = _as_wire_array(examples)
+            x = as_wire_array(examples)
             if labels is None:
                 raise InvalidArgument("examples need labels (one class index per example)")
             y = np.asarray(labels).reshape(-1)
@@ -399,35 +372,6 @@ class _Expired(grpc.RpcError):
 
     def details(self) -> str:
         return "watch deadline exceeded"
-
-
-def _attack_spec(spec: str | tuple[str, Mapping[str, Any]] | Mapping[str, Any]) -> cpb.AttackSpec:
-    if isinstance(spec, str):
-        return cpb.AttackSpec(name=spec)
-    if isinstance(spec, Mapping):
-        params = spec.get("params") or {}
-        return cpb.AttackSpec(name=str(spec["name"]),
-                              params_json=json.dumps(params) if params else "")
-    name, params = spec
-    return cpb.AttackSpec(name=name, params_json=json.dumps(dict(params)) if params else "")
-
-
-def _as_wire_array(images: Any) -> np.ndarray:
-    """[N, C, H, W] uint8 or float32 (little-endian), validated locally."""
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise InvalidArgument(f"images has shape {list(x.shape)}; expected [N, C, H, W] or "
-                              f"[C, H, W]")
-    if len(x) == 0:
-        raise InvalidArgument("images is an empty batch; send at least one image")
-    if x.dtype == np.uint8:
-        return np.ascontiguousarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise InvalidArgument(f"images dtype is {x.dtype}; expected float32 in [0, 1] or uint8 "
-                              f"(clients.images converts other inputs)")
-    return np.ascontiguousarray(x, dtype="<f4")
 
 
 __all__ = ["Client", "ClientError", "TLSConfig"]
