@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from dcs.robustness.package import CPU, CUDA
+from dcs.robustness.sessions import CPU, CUDA
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parent.parent

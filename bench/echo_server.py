@@ -36,8 +36,8 @@ from dcs.proto import classifier_pb2 as cpb
 from dcs.proto import classifier_pb2_grpc as cpb_grpc
 from dcs.proto import grpc_predict_v2_pb2 as ipb
 from dcs.proto import grpc_predict_v2_pb2_grpc as ipb_grpc
-from dcs.robustness.package import SessionOptions, make_session
 from dcs.robustness.padding import BatchPadder, pad_rows
+from dcs.robustness.sessions import SessionOptions, make_session
 from dcs.server.config import EVENT_LOOPS, ServerConfig
 from dcs.server.priority import lower_thread_priority
 

@@ -278,7 +278,7 @@ class AdaptivePlan:
         return len(self.members) * m if self.members else 0
 
     def calibrate(self, attack: Attack, x, y, correct, rows_ids, seed: int, run: RunFn) -> None:
-        from dcs.robustness.attacks.base import ExampleRNG
+        from dcs.robustness.attacks.rng import ExampleRNG
 
         if not self.members:
             return
@@ -301,7 +301,7 @@ class AdaptivePlan:
     def run(self, attack: Attack, x, y, target, idx, rng, seed: int, job: int, gids, run: RunFn,
             label: str, eps: float, swept: bool):
         """``attack`` on rows ``idx`` through the used members; returns (result, tally)."""
-        from dcs.robustness.attacks.base import ExampleRNG
+        from dcs.robustness.attacks.rng import ExampleRNG
 
         def make_rng(k: int, rows: np.ndarray):
             if k == 0:

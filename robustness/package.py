@@ -1,13 +1,12 @@
 """Open a model package with ONNX Runtime and use it as an attack oracle (torch-free).
 
 ``load_package`` verifies the manifest and every sha256, opens ORT sessions for ``model.onnx`` and
-``model.grad.onnx`` (and ``model.bounds.onnx`` when present), and checks their input/output names,
+``model.grad.onnx`` (and ``model.bounds.onnx`` when present; ``dcs.robustness.sessions``), and checks their input/output names,
 shapes and dtypes against the manifest. The result implements the oracle protocol.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,81 +34,19 @@ from dcs.robustness.manifest import (
     verify_files,
 )
 from dcs.robustness.padding import BatchPadder, pad_rows
+from dcs.robustness.sessions import (
+    CPU,
+    CUDA,
+    SessionOptions,
+    check_input_shape,
+    check_io,
+    make_session,
+)
 
 log = logging.getLogger(__name__)
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-#: CUDA provider options. The exhaustive cuDNN search costs ~23 ms at every change of input
-#: shape (4 ms for the heuristic one) but picks kernels 1.2-1.5x faster; CUDA sessions run
-#: fixed batch shapes (``static_batch``, robustness/padding.py), so it is paid once per session.
-CUDA_OPTIONS = {"cudnn_conv_algo_search": "EXHAUSTIVE"}
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """How to build ORT sessions. ``device``: 'auto' (CUDA if it really loads), 'cuda' or 'cpu'."""
-
-    device: str = "auto"
-    intra_op_threads: int = 0  # 0 lets ORT decide
-    inter_op_threads: int = 1
-    load_grad: bool = True
-    load_bounds: bool = True
-    load_probe: bool = True
-    #: pad every call to a fixed batch (robustness/padding.py); None = on for CUDA sessions
-    static_batch: bool | None = None
-
-
-def _ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise PackageError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from None
-    return ort
-
-
-def make_session(path: Path, opts: SessionOptions):
-    """Create an ORT session; returns ``(session, provider_in_use)``."""
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(opts.intra_op_threads)
-    so.inter_op_num_threads = int(opts.inter_op_threads)
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    cuda_wanted = opts.device in ("auto", "cuda") and CUDA in ort.get_available_providers()
-    wanted: list = [(CUDA, dict(CUDA_OPTIONS)), CPU] if cuda_wanted else [CPU]
-    try:
-        sess = ort.InferenceSession(str(path), sess_options=so, providers=wanted)
-    except Exception as exc:  # noqa: BLE001 - ORT raises several private exception types
-        raise PackageError(f"{path}: onnxruntime could not load the graph ({exc})") from None
-    in_use = sess.get_providers()[0]
-    if opts.device == "cuda" and in_use != CUDA:
-        raise PackageError(f"{path}: CUDA was requested but {in_use} is what loaded")
-    if opts.device == "auto" and cuda_wanted and in_use != CUDA:
-        log.warning("%s: CUDA provider is available but did not load; running on %s", path, in_use)
-    return sess, in_use
-
-
-def _check_io(path: Path, sess, inputs: Sequence[str], outputs: Sequence[str]) -> None:
-    got_in = [i.name for i in sess.get_inputs()]
-    got_out = [o.name for o in sess.get_outputs()]
-    if got_in != list(inputs):
-        raise PackageError(f"{path}: graph inputs {got_in}, expected {list(inputs)}")
-    if got_out != list(outputs):
-        raise PackageError(f"{path}: graph outputs {got_out}, expected {list(outputs)}")
-
-
-def _check_input_shape(path: Path, sess, input_shape: tuple[int, ...]) -> None:
-    shape = sess.get_inputs()[0].shape
-    dtype = sess.get_inputs()[0].type
-    if dtype != "tensor(float)":
-        raise PackageError(f"{path}: input {INPUT_NAME!r} has type {dtype}, expected tensor(float)")
-    if len(shape) != 1 + len(input_shape):
-        raise PackageError(f"{path}: input rank {len(shape)}, manifest says {1 + len(input_shape)}")
-    for got, want in zip(shape[1:], input_shape):
-        if isinstance(got, int) and got != want:
-            raise PackageError(
-                f"{path}: input shape {shape} does not match the manifest's {list(input_shape)}")
+__all__ = ["CPU", "CUDA", "ModelPackage", "PackageError", "SessionOptions", "SurrogateView", "list_versions",
+           "load_package", "make_session"]
 
 
 @dataclass
@@ -336,8 +273,8 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
 
     model_path = package_dir / MODEL_FILE
     sess, provider = make_session(model_path, opts)
-    _check_io(model_path, sess, [INPUT_NAME], [LOGITS_NAME])
-    _check_input_shape(model_path, sess, input_shape)
+    check_io(model_path, sess, [INPUT_NAME], [LOGITS_NAME])
+    check_input_shape(model_path, sess, input_shape)
     out_shape = sess.get_outputs()[0].shape
     if isinstance(out_shape[-1], int) and out_shape[-1] != len(labels):
         raise PackageError(f"{model_path}: {out_shape[-1]} logits but {len(labels)} labels in the manifest")
@@ -346,29 +283,29 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
     if opts.load_grad:
         grad_path = package_dir / GRAD_FILE
         grad_sess, _ = make_session(grad_path, opts)
-        _check_io(grad_path, grad_sess, [INPUT_NAME, LABEL_NAME], [LOGITS_NAME, GRAD_NAME])
-        _check_input_shape(grad_path, grad_sess, input_shape)
+        check_io(grad_path, grad_sess, [INPUT_NAME, LABEL_NAME], [LOGITS_NAME, GRAD_NAME])
+        check_input_shape(grad_path, grad_sess, input_shape)
 
     smooth_sess = None
     if opts.load_grad and SMOOTH_FILE in manifest["files"]:
         smooth_path = package_dir / SMOOTH_FILE
         smooth_sess, _ = make_session(smooth_path, opts)
-        _check_io(smooth_path, smooth_sess, [INPUT_NAME, LABEL_NAME, TAU_NAME], [LOGITS_NAME, GRAD_NAME])
-        _check_input_shape(smooth_path, smooth_sess, input_shape)
+        check_io(smooth_path, smooth_sess, [INPUT_NAME, LABEL_NAME, TAU_NAME], [LOGITS_NAME, GRAD_NAME])
+        check_input_shape(smooth_path, smooth_sess, input_shape)
 
     bounds_sess = None
     if opts.load_bounds and BOUNDS_FILE in manifest["files"]:
         bounds_path = package_dir / BOUNDS_FILE
         bounds_sess, _ = make_session(bounds_path, opts)
-        _check_io(bounds_path, bounds_sess, [INPUT_NAME, EPS_NAME], [LOWER_NAME, UPPER_NAME])
-        _check_input_shape(bounds_path, bounds_sess, input_shape)
+        check_io(bounds_path, bounds_sess, [INPUT_NAME, EPS_NAME], [LOWER_NAME, UPPER_NAME])
+        check_input_shape(bounds_path, bounds_sess, input_shape)
 
     crown_sess = None
     if opts.load_bounds and CROWN_FILE in manifest["files"]:
         crown_path = package_dir / CROWN_FILE
         crown_sess, _ = make_session(crown_path, opts)
-        _check_io(crown_path, crown_sess, [INPUT_NAME, LABEL_NAME, EPS_NAME], [MARGINS_LOWER_NAME])
-        _check_input_shape(crown_path, crown_sess, input_shape)
+        check_io(crown_path, crown_sess, [INPUT_NAME, LABEL_NAME, EPS_NAME], [MARGINS_LOWER_NAME])
+        check_input_shape(crown_path, crown_sess, input_shape)
 
     probe_sess = None
     if opts.load_probe and PROBE_FILE in manifest["files"]:
@@ -377,7 +314,7 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
         if [i.name for i in probe_sess.get_inputs()] != [INPUT_NAME]:
             raise PackageError(f"{probe_path}: graph inputs {[i.name for i in probe_sess.get_inputs()]}, "
                                f"expected {[INPUT_NAME]}")
-        _check_input_shape(probe_path, probe_sess, input_shape)
+        check_input_shape(probe_path, probe_sess, input_shape)
 
     pkg = ModelPackage(path=package_dir, manifest=manifest, session=sess, grad_session=grad_sess,
                        bounds_session=bounds_sess, probe_session=probe_sess, provider=provider,

@@ -113,7 +113,7 @@ def _same(docs: Sequence[tuple[str, Mapping]], what: str, get) -> None:
 
 def merge_shards(docs: Sequence[tuple[str, Mapping]]) -> Report:
     """Merge shard report dicts ``[(path, dict)]`` into the unsharded run's ``Report``."""
-    from dcs.robustness.audit import checks_from_predictions
+    from dcs.robustness.check_runs import checks_from_predictions
     from dcs.robustness.suites import Suite
 
     if not docs:

@@ -107,7 +107,7 @@ def eval_a_step(row: dict, twin: str, pkg_path: Path, export_key: str, preset: d
 # ----------------------------------------------------------------------------------------- tables B, C
 def _targeted(attack, oracle, x, y, targets, seed: int, job: int):
     """Run ``attack`` once per target class t on the examples with y != t; per t: (idx, x_adv, pred)."""
-    from dcs.robustness.attacks.base import ExampleRNG
+    from dcs.robustness.attacks.rng import ExampleRNG
 
     out = {}
     for t in targets:
