@@ -87,6 +87,51 @@ def test_margin_bounds_are_sound_and_never_looser_than_intervals(arch, defense, 
         assert (worst >= bound - TOL).all(), float((bound - worst).max())
 
 
+def test_saturation_lines_are_sound_on_every_kind_of_interval():
+    """The linear relaxation of s(z) = ½(sign(z−c) + sign(z+c)): below/above s on all of [lo, hi]
+    (intervals across one step, both steps, none, of width 0, ending exactly on a step), sloped
+    where that beats the constant, with finite gradients (certified training differentiates it)."""
+    torch.manual_seed(0)
+    c, n = 0.3, 20000
+    lo = torch.rand(n) * 2 - 1
+    width = torch.rand(n) * torch.where(torch.rand(n) < 0.5, torch.tensor(0.2), torch.tensor(1.5))
+    width[::7] = 0
+    hi = lo + width
+    lo[:100], lo[100:200], hi[200:300], hi[300:400] = c, -c, c, -c
+    hi = torch.maximum(hi, lo)
+    lo.requires_grad_(True)
+    hi.requires_grad_(True)
+    a_l, b_l, a_u, b_u = MarginBounds._saturation_lines(lo, hi, c)
+    sum(t.sum() for t in (a_l, b_l, a_u, b_u)).backward()
+    assert torch.isfinite(lo.grad).all() and torch.isfinite(hi.grad).all()
+    lo, hi, a_l, b_l, a_u, b_u = (t.detach() for t in (lo, hi, a_l, b_l, a_u, b_u))
+
+    def s(z):
+        return 0.5 * (torch.sign(z - c) + torch.sign(z + c))
+
+    points = [lo + (hi - lo) * t for t in (0.0, 1.0, *torch.rand(30).tolist())]
+    points += [torch.full_like(lo, p + d) for p in (-c, c) for d in (-1e-6, 0.0, 1e-6)]
+    for z in points:
+        inside = (z >= lo) & (z <= hi)
+        assert not ((a_l * z + b_l > s(z) + 1e-6) & inside).any()
+        assert not ((a_u * z + b_u < s(z) - 1e-6) & inside).any()
+    stable = (hi < -c) | (lo > c) | ((lo > -c) & (hi < c))
+    assert (a_l[stable] == 0).all() and (a_u[stable] == 0).all()  # a stable activation is a constant
+    assert torch.equal(b_l[stable], s(lo)[stable]) and torch.equal(b_u[stable], s(hi)[stable])
+    assert (a_l > 0).any() and (a_u > 0).any()
+
+
+def test_pfe_sweep_crosses_the_saturation_and_is_exact_at_eps0():
+    torch.manual_seed(0)
+    model, _ = build_untrained("pfe_cnn", "pfe", (1, 12, 12), 10, seed=3)
+    kinds = [st.kind for st in MarginBounds(model).steps]
+    assert "saturation" in kinds and "monotone" not in kinds
+    x = torch.rand(8, 1, 12, 12)
+    y = torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        assert torch.allclose(margin_lower_bounds(model, x, y, 0.0), _margins(model, x, y), atol=1e-5)
+
+
 def test_eps0_bounds_equal_the_margins_and_crown_tightens_a_relu_net():
     torch.manual_seed(0)
     model, _ = build_untrained("pfe_cnn", "none", (1, 12, 12), 10, seed=2)

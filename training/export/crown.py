@@ -21,9 +21,18 @@ Algorithm (one forward and one backward sweep over the model's fx chain):
      window (ties: their average); upper bound y ≤ x_j when that j is unique and dominates
      (l_j ≥ u_i for every other i in the window), else the constant max_i u_i;
    - zero padding, flatten/view, identity: exact (crop / reshape);
-   - anything else that is monotone (the polarizing saturation, sign, clamp): the sweep stops
-     there and the remaining bound is concretized on that node's interval (for the saturation
-     this is exact where [z−ε, z+ε] excludes ±c: a stable activation is a constant).
+   - the polarizing saturation s(z) = ½(sign(z−c) + sign(z+c)), a staircase with steps at ±c
+     (``_back_saturation``): a constant where [l, u] holds no step (exact: a stable activation
+     cannot change); on an interval holding a step, either the constant s(l) (lower) / s(u)
+     (upper) or a line through the far corner, anchored at (u, s(u⁻)) for the lower bound with
+     the smallest slope that keeps it under every inner corner (l, s(l⁻)), (p, s(p⁻)) of the
+     staircase, symmetrically for the upper bound; per activation the one with the larger
+     (lower) / smaller (upper) mean over [l, u] is kept (CROWN's adaptive choice, as for
+     ReLU's lower line). The slope carries how z depends on the input, so the sweep goes on
+     to the front-end convolution and the input instead of stopping at the saturation's
+     interval ([−1, 1] for an activation that straddles both steps);
+   - anything else that is monotone (sign, clamp): the sweep stops there and the remaining
+     bound is concretized on that node's interval.
 
 3. At *every* node k the current linear bound is concretized on h_k's interval,
    ``c + Σ Λ⁺·l_k + Λ⁻·u_k``, and the margin lower bound is the elementwise maximum over all k.
@@ -129,7 +138,7 @@ class MarginBounds(nn.Module):
             m = mods[node.target]
             both = (lambda lo, hi, _m=m: (_m(lo), _m(hi)))
             if _is_saturation(m):
-                return _Step(node.name, "monotone", m, both)
+                return _Step(node.name, "saturation" if getattr(m, "enabled", True) else "identity", m, both)
             if isinstance(m, (nn.Identity, nn.Dropout)):
                 return _Step(node.name, "identity", m, both)
             if isinstance(m, nn.ReLU):
@@ -242,6 +251,51 @@ class MarginBounds(nn.Module):
         back = back.reshape(lam.shape[0], lam.shape[1], c, h + ph, w + pw)[..., :h, :w]
         return back, const
 
+    @staticmethod
+    def _saturation_lines(lo: Tensor, hi: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Linear bounds a_l·z + b_l ≤ s(z) ≤ a_u·z + b_u on [lo, hi] for s = ½(sign(z−c) + sign(z+c)).
+
+        s is non-decreasing, so s(z⁻) ≤ s(z) ≤ s(z⁺); g(z) = s(z⁻) (steps taken at z > ∓c) and
+        h(z) = s(z⁺) (steps taken at z ≥ ∓c) are the envelopes the lines bound. Every division
+        has a safe denominator, so the gradient (certified training) is finite everywhere.
+        """
+        def g(z: Tensor) -> Tensor:
+            return (z > -c).to(z.dtype) + (z > c).to(z.dtype) - 1.0
+
+        def h(z: Tensor) -> Tensor:
+            return (z >= -c).to(z.dtype) + (z >= c).to(z.dtype) - 1.0
+
+        s_lo = 0.5 * (torch.sign(lo - c) + torch.sign(lo + c))
+        s_hi = 0.5 * (torch.sign(hi - c) + torch.sign(hi + c))
+        width = hi - lo
+        wide = width > 0
+        one = torch.ones_like(lo)
+        zero = torch.zeros_like(lo)
+
+        def slope(num: Tensor, den: Tensor, valid: Tensor) -> Tensor:
+            return torch.where(valid, num / torch.where(valid, den, one), zero)
+
+        g_hi, h_lo = g(hi), h(lo)
+        inner = [((lo < p) & (p < hi), p, v_before, v_after) for p, v_before, v_after in ((-c, -1.0, 0.0), (c, 0.0, 1.0))]
+        a_l = slope(g_hi - g(lo), width, wide)
+        a_u = slope(h(hi) - h_lo, width, wide)
+        for valid, p, v_before, v_after in inner:
+            a_l = torch.maximum(a_l, slope(g_hi - v_before, hi - p, valid))
+            a_u = torch.maximum(a_u, slope(v_after - h_lo, p - lo, valid))
+        # keep the line only where its mean over [lo, hi] beats the constant
+        lower_line = wide & (g_hi - 0.5 * a_l * width > s_lo)
+        upper_line = wide & (h_lo + 0.5 * a_u * width < s_hi)
+        a_l = torch.where(lower_line, a_l, zero)
+        b_l = torch.where(lower_line, g_hi - a_l * hi, s_lo)
+        a_u = torch.where(upper_line, a_u, zero)
+        b_u = torch.where(upper_line, h_lo - a_u * lo, s_hi)
+        return a_l, b_l, a_u, b_u
+
+    def _back_saturation(self, m: nn.Module, lam: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        a_l, b_l, a_u, b_u = (t.unsqueeze(1) for t in self._saturation_lines(lo, hi, float(m.c)))
+        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+        return pos * a_l + neg * a_u, (pos * b_l + neg * b_u).flatten(2).sum(-1)
+
     # -- the sweep ----------------------------------------------------------------------------
 
     def forward(self, lo: Tensor, hi: Tensor, spec: Tensor, stop: int | None = None,
@@ -277,6 +331,11 @@ class MarginBounds(nn.Module):
                 const = const + c
             elif step.kind == "maxpool":
                 lam, c = self._back_maxpool(lam, in_lo, in_hi)
+                const = const + c
+            elif step.kind == "saturation":
+                if not concretize_all:  # never looser than stopping at the saturation's interval
+                    best = torch.maximum(best, concretize(lam, const, k + 1))
+                lam, c = self._back_saturation(step.module, lam, in_lo, in_hi)
                 const = const + c
             elif step.kind == "reshape":
                 lam = lam.reshape(lam.shape[0], lam.shape[1], *in_lo.shape[1:])
