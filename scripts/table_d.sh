@@ -32,6 +32,11 @@ train_args() {
     mnist5k_pfe_ibp_eps03) echo "--dataset mnist5k --defense pfe --certified ibp --cert-eps 0.3 --pfe-c 0.5 --pfe-stages 2,2,40 --cert-warmup 1 --cert-ramp 15 --cert-pfe-margin 1.0 --lr 5e-4 --lr-milestones 36" ;;
     fmnist_pfe_ibp_6k)    echo "--dataset fmnist --limit-train 6000 --defense pfe --certified ibp --cert-eps 0.1 --pfe-stages 2,2,10 --cert-warmup 1 --cert-ramp 5 --cert-pfe-margin 1.0 --lr 5e-4" ;;
     fmnist_cnn_ibp_6k)    echo "--dataset fmnist --limit-train 6000 --defense none --certified ibp --cert-eps 0.1 --epochs 14 --cert-warmup 5 --cert-ramp 5 --lr 5e-4" ;;
+    mnist5k_cnn_crownibp_e120) echo "--dataset mnist5k --defense none --certified crown-ibp --cert-eps 0.4 --epochs 120 --cert-warmup 1 --cert-ramp 40 --lr 5e-4" ;;
+    fmnist_cnn_crownibp_6k) echo "--dataset fmnist --limit-train 6000 --defense none --certified crown-ibp --cert-eps 0.1 --epochs 14 --cert-warmup 5 --cert-ramp 5 --lr 5e-4" ;;
+    fmnist_pfe_crownibp_6k) echo "--dataset fmnist --limit-train 6000 --defense pfe --certified crown-ibp --cert-eps 0.1 --pfe-stages 2,2,10 --cert-warmup 1 --cert-ramp 5 --cert-pfe-margin 1.0 --lr 5e-4" ;;
+    mnist5k_pfe_crownibp_eps03) echo "--dataset mnist5k --defense pfe --certified crown-ibp --cert-eps 0.3 --pfe-c 0.5 --pfe-stages 2,2,40 --cert-warmup 1 --cert-ramp 15 --cert-pfe-margin 1.0 --lr 5e-4 --lr-milestones 36" ;;
+    fmnist_pfe_ibp_30k)   echo "--dataset fmnist --limit-train 30000 --defense pfe --certified ibp --cert-eps 0.12 --pfe-c 0.25 --pfe-stages 2,2,26 --cert-warmup 1 --cert-ramp 10 --cert-pfe-margin 1.0 --lr 5e-4 --lr-milestones 24,28" ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
@@ -57,7 +62,7 @@ package() {
     --limit "${TABLE_D_LIMIT:-500}" --seed 0 --out "$OUT/reports/$name" --no-progress
 }
 
-MODELS="mnist5k_cnn_ibp mnist5k_cnn_ibp_long mnist5k_cnn_ibp_e120 mnist5k_cnn_ibp_e200 mnist5k_cnn_crownibp mnist5k_pfe_ibp mnist5k_pfe_ibp_eps03 fmnist_cnn_ibp fmnist_cnn_ibp_30k fmnist_cnn_ibp_30k_e30 fmnist_pfe_ibp fmnist_pfe_ibp_6k fmnist_cnn_ibp_6k"
+MODELS="mnist5k_cnn_ibp mnist5k_cnn_ibp_long mnist5k_cnn_ibp_e120 mnist5k_cnn_ibp_e200 mnist5k_cnn_crownibp mnist5k_pfe_ibp mnist5k_pfe_ibp_eps03 fmnist_cnn_ibp fmnist_cnn_ibp_30k fmnist_cnn_ibp_30k_e30 fmnist_pfe_ibp fmnist_pfe_ibp_6k fmnist_cnn_ibp_6k mnist5k_cnn_crownibp_e120 fmnist_cnn_crownibp_6k fmnist_pfe_crownibp_6k mnist5k_pfe_crownibp_eps03 fmnist_pfe_ibp_30k"
 case "${1:-all}" in
   train) train "$2" ;;
   package) package "$2" ;;
