@@ -143,6 +143,7 @@ class AuditManager:
         suite = build_suite(req)
         job_id = uuid.uuid4().hex
         data: dict[str, Any]
+        upload: tuple[np.ndarray, np.ndarray] | None = None
         if req.dataset is not None and req.images is not None:
             raise InvalidInput("give either data.dataset or data.examples, not both")
         if req.dataset is not None:
@@ -152,26 +153,22 @@ class AuditManager:
             dtype, shape, raw = req.images
             x = decode_examples(rt.name, rt.input_shape, dtype, shape, raw, self._dp.check_values)
             n = len(x)
-            y = check_upload(n, req.labels, len(rt.labels), max_examples)
-            path = self.store.uploads_dir / f"{job_id}.npz"
-            try:
-                np.savez_compressed(path, x=x, y=y)
-            except OSError as exc:
-                path.unlink(missing_ok=True)
-                raise self._state_error("store the uploaded examples", exc) from None
-            data = {"kind": "examples", "path": str(path), "n": n}
+            upload = (x, check_upload(n, req.labels, len(rt.labels), max_examples))
         else:
             raise InvalidInput("data is unset; expected data.dataset (a named split) or "
                                "data.examples (images + labels)")
         # every member of a BPDA surrogate family counts (dcs.robustness.adaptive)
         members = len((rt.manifest.get("gradient") or {}).get("surrogates") or [])
         max_queries = self.config.max_audit_queries
-        try:
-            check_cost(suite, n, members, max_gradients, max_queries)
-        except Exception:
-            if data["kind"] == "examples":
-                Path(data["path"]).unlink(missing_ok=True)
-            raise
+        check_cost(suite, n, members, max_gradients, max_queries)
+        if upload is not None:  # stored only once the request is accepted
+            path = self.store.uploads_dir / f"{job_id}.npz"
+            try:
+                np.savez_compressed(path, x=upload[0], y=upload[1])
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                raise self._state_error("store the uploaded examples", exc) from None
+            data = {"kind": "examples", "path": str(path), "n": n}
         suite = suite.replace(max_examples=n, max_gradients=max_gradients, max_queries=max_queries)
         request = {"model": rt.name, "version": rt.version, "sha256": rt.sha256,
                    "path": str(rt.path), "suite": suite.to_dict(), "data": data,

@@ -181,7 +181,7 @@ def test_limits_and_bad_requests(server, stub):
     for request, code, fragment in cases:
         got, msg = code_of(stub.StartAudit, request, metadata=AUTH, timeout=10)
         assert got == code and fragment in msg, (fragment, got, msg)
-    # a refused upload is not kept (the cost check runs after the upload is stored)
+    # a refused upload is never stored
     assert not list((server.config.state_dir / "uploads").glob("*.npz"))
     got, _ = code_of(stub.GetAudit, cpb.GetAuditRequest(job_id="missing"), metadata=AUTH, timeout=10)
     assert got == grpc.StatusCode.NOT_FOUND
