@@ -1,8 +1,8 @@
 """Open a model package with ONNX Runtime and use it as an attack oracle (torch-free).
 
 ``load_package`` verifies the manifest and every sha256, opens ORT sessions for ``model.onnx`` and
-``model.grad.onnx`` (and ``model.bounds.onnx`` when present; ``dcs.robustness.sessions``), and checks their input/output names,
-shapes and dtypes against the manifest. The result implements the oracle protocol.
+``model.grad.onnx`` (and ``model.bounds.onnx`` when present) with ``dcs.robustness.sessions``, and
+checks their input/output names, shapes and dtypes against the manifest. The result implements the oracle protocol.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from dcs.robustness.sessions import (
     CUDA,
     SessionOptions,
     check_input_shape,
-    check_io,
     make_session,
+    open_checked,
 )
 
 log = logging.getLogger(__name__)
@@ -272,9 +272,7 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
                                f"got {label!r} ({type(label).__name__})")
 
     model_path = package_dir / MODEL_FILE
-    sess, provider = make_session(model_path, opts)
-    check_io(model_path, sess, [INPUT_NAME], [LOGITS_NAME])
-    check_input_shape(model_path, sess, input_shape)
+    sess, provider = open_checked(model_path, opts, [INPUT_NAME], [LOGITS_NAME], input_shape)
     out_shape = sess.get_outputs()[0].shape
     if isinstance(out_shape[-1], int) and out_shape[-1] != len(labels):
         raise PackageError(f"{model_path}: {out_shape[-1]} logits but {len(labels)} labels in the manifest")
@@ -282,30 +280,26 @@ def load_package(package_dir: str | Path, options: SessionOptions | None = None)
     grad_sess = None
     if opts.load_grad:
         grad_path = package_dir / GRAD_FILE
-        grad_sess, _ = make_session(grad_path, opts)
-        check_io(grad_path, grad_sess, [INPUT_NAME, LABEL_NAME], [LOGITS_NAME, GRAD_NAME])
-        check_input_shape(grad_path, grad_sess, input_shape)
+        grad_sess, _ = open_checked(grad_path, opts, [INPUT_NAME, LABEL_NAME], [LOGITS_NAME, GRAD_NAME],
+                                    input_shape)
 
     smooth_sess = None
     if opts.load_grad and SMOOTH_FILE in manifest["files"]:
         smooth_path = package_dir / SMOOTH_FILE
-        smooth_sess, _ = make_session(smooth_path, opts)
-        check_io(smooth_path, smooth_sess, [INPUT_NAME, LABEL_NAME, TAU_NAME], [LOGITS_NAME, GRAD_NAME])
-        check_input_shape(smooth_path, smooth_sess, input_shape)
+        smooth_sess, _ = open_checked(smooth_path, opts, [INPUT_NAME, LABEL_NAME, TAU_NAME],
+                                      [LOGITS_NAME, GRAD_NAME], input_shape)
 
     bounds_sess = None
     if opts.load_bounds and BOUNDS_FILE in manifest["files"]:
         bounds_path = package_dir / BOUNDS_FILE
-        bounds_sess, _ = make_session(bounds_path, opts)
-        check_io(bounds_path, bounds_sess, [INPUT_NAME, EPS_NAME], [LOWER_NAME, UPPER_NAME])
-        check_input_shape(bounds_path, bounds_sess, input_shape)
+        bounds_sess, _ = open_checked(bounds_path, opts, [INPUT_NAME, EPS_NAME], [LOWER_NAME, UPPER_NAME],
+                                      input_shape)
 
     crown_sess = None
     if opts.load_bounds and CROWN_FILE in manifest["files"]:
         crown_path = package_dir / CROWN_FILE
-        crown_sess, _ = make_session(crown_path, opts)
-        check_io(crown_path, crown_sess, [INPUT_NAME, LABEL_NAME, EPS_NAME], [MARGINS_LOWER_NAME])
-        check_input_shape(crown_path, crown_sess, input_shape)
+        crown_sess, _ = open_checked(crown_path, opts, [INPUT_NAME, LABEL_NAME, EPS_NAME], [MARGINS_LOWER_NAME],
+                                     input_shape)
 
     probe_sess = None
     if opts.load_probe and PROBE_FILE in manifest["files"]:

@@ -86,3 +86,12 @@ def check_input_shape(path: Path, sess, input_shape: tuple[int, ...]) -> None:
         if isinstance(got, int) and got != want:
             raise PackageError(
                 f"{path}: input shape {shape} does not match the manifest's {list(input_shape)}")
+
+
+def open_checked(path: Path, opts: SessionOptions, inputs: Sequence[str], outputs: Sequence[str],
+                 input_shape: tuple[int, ...]):
+    """``make_session`` then ``check_io`` and ``check_input_shape``; returns ``(session, provider_in_use)``."""
+    sess, provider = make_session(path, opts)
+    check_io(path, sess, inputs, outputs)
+    check_input_shape(path, sess, input_shape)
+    return sess, provider

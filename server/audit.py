@@ -1,11 +1,11 @@
 """Robustness audits as persisted jobs (issue 7, server half).
 
 ``AuditManager`` is the domain side: validate a request against the served model and the
-limits (``dcs.server.audit_request``), persist it (``dcs.server.jobs.JobStore``), run it on its own worker pool with its own ORT
-sessions (``--audit-threads`` intra-op threads, ``--max-concurrent-audits`` workers) so the
-classify path keeps its latency, publish progress to watchers, write report.json/.html with
-``dcs.robustness.report.write_report`` and record the summary. The attack engine is
-``dcs.robustness.audit.audit``. ``AuditService`` bundles the manager and its gRPC servicer.
+limits (``dcs.server.audit_request``), persist it (``dcs.server.jobs.JobStore``), run it on its
+own worker pool with its own ORT sessions (``--audit-threads`` intra-op threads,
+``--max-concurrent-audits`` workers) so the classify path keeps its latency, publish progress to
+watchers, write report.json/.html with ``dcs.robustness.report.write_report`` and record the
+summary. The attack engine is ``dcs.robustness.audit.audit``. ``AuditService`` bundles the manager and its gRPC servicer.
 """
 from __future__ import annotations
 

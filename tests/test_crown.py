@@ -99,15 +99,16 @@ def test_saturation_lines_are_sound_on_every_kind_of_interval():
     hi = lo + width
     lo[:100], lo[100:200], hi[200:300], hi[300:400] = c, -c, c, -c
     hi = torch.maximum(hi, lo)
-    lo.requires_grad_(True)
-    hi.requires_grad_(True)
-    a_l, b_l, a_u, b_u = MarginBounds._saturation_lines(lo, hi, c)
-    sum(t.sum() for t in (a_l, b_l, a_u, b_u)).backward()
-    assert torch.isfinite(lo.grad).all() and torch.isfinite(hi.grad).all()
-    lo, hi, a_l, b_l, a_u, b_u = (t.detach() for t in (lo, hi, a_l, b_l, a_u, b_u))
 
     def s(z):
         return 0.5 * (torch.sign(z - c) + torch.sign(z + c))
+
+    lo.requires_grad_(True)
+    hi.requires_grad_(True)
+    a_l, b_l, a_u, b_u = MarginBounds._saturation_lines(lo, hi, s(lo), s(hi), c)
+    sum(t.sum() for t in (a_l, b_l, a_u, b_u)).backward()
+    assert torch.isfinite(lo.grad).all() and torch.isfinite(hi.grad).all()
+    lo, hi, a_l, b_l, a_u, b_u = (t.detach() for t in (lo, hi, a_l, b_l, a_u, b_u))
 
     points = [lo + (hi - lo) * t for t in (0.0, 1.0, *torch.rand(30).tolist())]
     points += [torch.full_like(lo, p + d) for p in (-c, c) for d in (-1e-6, 0.0, 1e-6)]

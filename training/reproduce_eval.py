@@ -44,9 +44,6 @@ def table_a_suite(settings: dict, dataset: str, batch_size: int):
                  batch_size=batch_size, checks=CheckConfig(**settings["checks"]))
 
 
-COLUMNS_A = ("FGSM", "BIM", "PGD (paper)", "APGD-CE", "APGD-DLR", "Square")
-
-
 def summarize_a(report) -> dict:
     """Clean, per-attack and worst-case robust accuracy at the headline ε, the ε curves, checks."""
     head = report.headline["eps"]

@@ -252,8 +252,10 @@ class MarginBounds(nn.Module):
         return back, const
 
     @staticmethod
-    def _saturation_lines(lo: Tensor, hi: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Linear bounds a_l·z + b_l ≤ s(z) ≤ a_u·z + b_u on [lo, hi] for s = ½(sign(z−c) + sign(z+c)).
+    def _saturation_lines(lo: Tensor, hi: Tensor, s_lo: Tensor, s_hi: Tensor, c: float
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Linear bounds a_l·z + b_l ≤ s(z) ≤ a_u·z + b_u on [lo, hi] for s = ½(sign(z−c) + sign(z+c)),
+        given the saturation's output interval [s_lo, s_hi] = [s(lo), s(hi)] (the forward sweep's).
 
         s is non-decreasing, so s(z⁻) ≤ s(z) ≤ s(z⁺); g(z) = s(z⁻) (steps taken at z > ∓c) and
         h(z) = s(z⁺) (steps taken at z ≥ ∓c) are the envelopes the lines bound. Every division
@@ -265,8 +267,6 @@ class MarginBounds(nn.Module):
         def h(z: Tensor) -> Tensor:
             return (z >= -c).to(z.dtype) + (z >= c).to(z.dtype) - 1.0
 
-        s_lo = 0.5 * (torch.sign(lo - c) + torch.sign(lo + c))
-        s_hi = 0.5 * (torch.sign(hi - c) + torch.sign(hi + c))
         width = hi - lo
         wide = width > 0
         one = torch.ones_like(lo)
@@ -291,8 +291,9 @@ class MarginBounds(nn.Module):
         b_u = torch.where(upper_line, h_lo - a_u * lo, s_hi)
         return a_l, b_l, a_u, b_u
 
-    def _back_saturation(self, m: nn.Module, lam: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-        a_l, b_l, a_u, b_u = (t.unsqueeze(1) for t in self._saturation_lines(lo, hi, float(m.c)))
+    def _back_saturation(self, m: nn.Module, lam: Tensor, lo: Tensor, hi: Tensor, s_lo: Tensor, s_hi: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+        a_l, b_l, a_u, b_u = (t.unsqueeze(1) for t in self._saturation_lines(lo, hi, s_lo, s_hi, float(m.c)))
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
         return pos * a_l + neg * a_u, (pos * b_l + neg * b_u).flatten(2).sum(-1)
 
@@ -335,7 +336,7 @@ class MarginBounds(nn.Module):
             elif step.kind == "saturation":
                 if not concretize_all:  # never looser than stopping at the saturation's interval
                     best = torch.maximum(best, concretize(lam, const, k + 1))
-                lam, c = self._back_saturation(step.module, lam, in_lo, in_hi)
+                lam, c = self._back_saturation(step.module, lam, in_lo, in_hi, *intervals[k + 1])
                 const = const + c
             elif step.kind == "reshape":
                 lam = lam.reshape(lam.shape[0], lam.shape[1], *in_lo.shape[1:])
